@@ -1,0 +1,119 @@
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import data, run
+
+DEBIAN = all((data.DEBIAN_DIR / f"{f}.gz").exists() for f in data.IDX_FILES)
+
+
+def test_missing_dataset_names_every_place(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "REPO", tmp_path / "repo")
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setenv("PAPERS_DATA_DIR", str(tmp_path / "env"))
+    with pytest.raises(SystemExit) as e:
+        data.load_images("fashion-mnist", "train", data_dir=tmp_path / "flag", download=False)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    order = [str(tmp_path / "flag"), str(tmp_path / "env"), str(tmp_path / "repo" / "data"), str(tmp_path / "no-debian")]
+    assert [err.index(p) for p in order] == sorted(err.index(p) for p in order)
+    assert "apt-get install dataset-fashion-mnist" in err
+
+
+def test_lookup_prefers_data_dir_over_env(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(name, root, train, download):
+        seen.append(Path(root))
+        raise RuntimeError("not here")
+    monkeypatch.setattr(data, "_torchvision", fake)
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setenv("PAPERS_DATA_DIR", str(tmp_path / "env"))
+    with pytest.raises(SystemExit):
+        data.load_images("mnist", "test", data_dir=tmp_path / "flag", download=False)
+    assert seen == [tmp_path / "flag", tmp_path / "env", data.REPO / "data"]
+
+
+def test_unknown_dataset_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        data.load_images("imagenet")
+    assert e.value.code == 2 and "unknown dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,shape", [("synthetic", (1, 28, 28)), ("synthetic-mnist", (1, 28, 28)),
+                                        ("synthetic-cifar10", (3, 32, 32))])
+def test_synthetic_matches_format(name, shape):
+    x, y = data.load_images(name, "train")
+    assert x.dtype == torch.uint8 and x.shape[1:] == shape and y.dtype == torch.long
+    assert y.min() == 0 and y.max() == 9
+
+
+@pytest.mark.skipif(not DEBIAN, reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_debian(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "REPO", tmp_path)  # force the Debian path into a fresh cache
+    monkeypatch.delenv("PAPERS_DATA_DIR", raising=False)
+    xtr, ytr = data.load_images("fashion-mnist", "train", download=False)
+    xte, yte = data.load_images("fashion-mnist", "test", download=False)
+    assert xtr.shape == (60000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28)
+    assert ytr.bincount().tolist() == [6000] * 10 and yte.bincount().tolist() == [1000] * 10
+
+
+def test_default_corpus_offline_plain_text():
+    text = data.load_text()
+    assert len(text.encode()) > 1_000_000
+    assert "**" not in text and "\n#" not in text and "HAMLET:" in text
+
+
+def test_text_errors(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\xfa abc")
+    for p in [tmp_path / "missing.txt", tmp_path / "empty.txt", tmp_path / "bin.txt"]:
+        with pytest.raises(SystemExit) as e:
+            data.load_text(p)
+        assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 3
+
+
+def test_atomic_save_survives_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    run.save_checkpoint({"kind": "gpt", "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_checkpoint({"kind": "gpt", "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(run.load_checkpoint(path, "gpt")["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    (tmp_path / "corrupt.pt").write_bytes(os.urandom(100))
+    run.save_checkpoint({"kind": "vit"}, tmp_path / "vit.pt")
+    for p in ["missing.pt", "corrupt.pt", "vit.pt"]:
+        with pytest.raises(SystemExit) as e:
+            run.load_checkpoint(tmp_path / p, "gpt")
+        assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "no checkpoint" in err[0] and "not a readable" in err[1] and "'vit'" in err[2]
+
+
+def test_logger_writes_jsonl(tmp_path):
+    log = run.Logger(tmp_path, None, "t")
+    log.log({"step": 1, "loss": 0.5})
+    log.log({"step": 2, "loss": 0.25})
+    assert [r["loss"] for r in run.read_jsonl(tmp_path / "metrics.jsonl")] == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("pkg", ["ddpm", "gnns", "gpt", "nf", "ppo", "vit", "utils"])
+def test_every_package_imports(pkg):
+    mods = sorted(p.stem for p in (data.REPO / pkg).glob("*.py") if p.stem != "__init__")
+    assert mods, f"{pkg}/ has no modules"
+    for mod in mods:
+        importlib.import_module(f"{pkg}.{mod}")

