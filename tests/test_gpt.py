@@ -1,0 +1,137 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt import sample, train
+from gpt.model import GPT, GPTConfig, attention
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0, eval_iters=2,
+            eval_interval=20, log_interval=10)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return p
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**dict(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0), **kw}))
+
+
+def test_causality():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 20, (1, 16))
+    idx2 = idx.clone()
+    idx2[0, 9] = (idx[0, 9] + 1) % 20
+    a, b = model(idx)[0], model(idx2)[0]
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-4)
+
+
+def test_initial_loss_is_ln_vocab():
+    model = tiny_model(vocab_size=65)
+    idx, targets = torch.randint(0, 65, (8, 16)), torch.randint(0, 65, (8, 16))
+    _, loss, _ = model(idx, targets)
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+@pytest.mark.parametrize("tq", [7, 1, 3])
+def test_own_attention_equals_sdpa(tq):
+    q, k, v = torch.randn(2, 3, tq, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    ours, att = attention(q, k, v, causal=True, need_weights=True)
+    mask = torch.ones(tq, 7, dtype=torch.bool).tril(diagonal=7 - tq)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(att.sum(-1), torch.ones(2, 3, tq), atol=1e-6)
+    fused, _ = attention(q, k, v, causal=True)
+    assert torch.allclose(fused, ref, atol=1e-5)
+
+
+def test_cached_equals_uncached_greedy():
+    model = tiny_model(block_size=32).eval()
+    prompt = torch.randint(0, 20, (1, 5))
+    a = model.generate(prompt, 27, temperature=0, use_cache=True)
+    b = model.generate(prompt, 27, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    assert model.generate(prompt, 60, temperature=0).shape == (1, 65)  # past the block size too
+
+
+def test_tiny_model_overfits_repeated_string():
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=5)
+    data = torch.tensor([0, 1, 2, 3, 4] * 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss, _ = model(data[None, :16], data[None, 1:17])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_smoke_train_then_sample(tmp_path, text_file):
+    out = tmp_path / "run"
+    s = train.main(train.Config(out_dir=str(out), text=str(text_file), max_iters=60, device="cpu", **TINY))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert math.isfinite(s["val_loss"]) and vals[-1] < vals[0] - 0.5
+    assert {"val_loss", "val_bpc", "iters", "wall_s", "tokens_per_s", "mfu"} <= set(s)
+    for f in ["ckpt.pt", "best.pt", "metrics.jsonl", "summary.json"]:
+        assert (out / f).exists()
+    sample.main(sample.Config(out_dir=str(out), num_samples=2, max_new_tokens=50, prompt="the ", device="cpu"))
+    gen = (out / "generated.txt").read_text()
+    assert gen.startswith("################ SAMPLE 0 ################\nthe ") and "SAMPLE 1" in gen
+    # --resume continues from the saved iteration
+    s2 = train.main(train.Config(out_dir=str(out), text=str(text_file), max_iters=70, resume=True, device="cpu",
+                                 **TINY))
+    assert s2["iters"] == 70
+
+
+def test_bad_input_exits_2(tmp_path, text_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("abc" * 10)
+    for cfg in [train.Config(text=str(empty)), train.Config(text=str(short), **TINY),
+                train.Config(text=str(text_file), max_iters=0)]:
+        with pytest.raises(SystemExit) as e:
+            train.main(cfg)
+        assert e.value.code == 2
+    r = subprocess.run([sys.executable, "gpt/sample.py", "--out-dir", str(tmp_path / "none")], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_outside_vocab(tmp_path, text_file):
+    out = tmp_path / "run"
+    train.main(train.Config(out_dir=str(out), text=str(text_file), max_iters=2, device="cpu", **TINY))
+    with pytest.raises(SystemExit) as e:
+        sample.main(sample.Config(out_dir=str(out), prompt="QZ", device="cpu"))
+    assert e.value.code == 2
+
+
+def test_ddp_two_processes_match_one(tmp_path, text_file):
+    """2 gloo processes x 1 micro-batch == 1 process x 2 micro-batches: same global batch, same schedule."""
+    args = ["--text", str(text_file), "--max-iters", "60", "--grad-accum", "2", "--device", "cpu"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "gpt/train.py", "--out-dir", str(tmp_path / "one"), *args],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "gpt/train.py", "--out-dir", str(tmp_path / "two"), *args],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
+    assert s2["world_size"] == 2 and s2["iters"] == 60
+    assert abs(s1["val_loss"] - s2["val_loss"]) < 0.15
