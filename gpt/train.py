@@ -63,7 +63,7 @@ PRESETS = {
     # nanoGPT's documented laptop-CPU run of shakespeare_char
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0,
                 lr=1e-3, min_lr=1e-4, eval_interval=250, eval_iters=20, log_interval=100),
-    "default": dict(max_iters=3000),
+    "default": dict(max_iters=2500),
     # the seed's model: the size of nanoGPT's shakespeare_char GPU config
     "paper": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, max_iters=5000,
                   eval_interval=250, eval_iters=200),

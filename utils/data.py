@@ -10,6 +10,7 @@ noise with the real dataset's shapes, dtypes and label range; the tests use it.
 """
 import gzip
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -185,3 +186,55 @@ if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "fetch":
         die("usage: python -m utils.data fetch {fashion-mnist,mnist,cifar10}")
     fetch(sys.argv[2])
+
+
+# ----------------------------------------------------------------------------- batches and augmentation
+
+def to_unit_range(x):
+    """uint8 images -> float in [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def flips_are_valid(name):
+    """Horizontal flips preserve the class for clothes and CIFAR objects, not for digits."""
+    return base_name(name) != "mnist"
+
+
+def shuffled_batches(n, batch_size, epoch, seed=0, rank=0, world=1, drop_last=True):
+    """Index batches of one epoch; every rank draws the same permutation and takes its own slice of it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)[rank::world]
+    stop = len(perm) - len(perm) % batch_size if drop_last else len(perm)
+    return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def random_flip(x):
+    """Flip each image left-right with probability 1/2. x: (B, C, H, W)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_crop(x, pad):
+    """Pad by `pad` pixels (zeros) and cut a random H x W window per image."""
+    B, C, H, W = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, B, 1), device=x.device)
+    rows = (dy + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    return xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def random_erasing(x, p=0.25, area=(0.02, 0.25), ratio=(0.3, 3.3)):
+    """Zhong et al. 2020: with probability p replace a random rectangle of each image by noise."""
+    B, C, H, W = x.shape
+    s = torch.empty(B, device=x.device).uniform_(*area) * H * W
+    r = torch.exp(torch.empty(B, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    h = (s * r).sqrt().clamp(1, H).long()
+    w = (s / r).sqrt().clamp(1, W).long()
+    y0 = (torch.rand(B, device=x.device) * (H - h + 1)).long()
+    x0 = (torch.rand(B, device=x.device) * (W - w + 1)).long()
+    ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    box = ((ys[None, :, None] >= y0[:, None, None]) & (ys[None, :, None] < (y0 + h)[:, None, None]) &
+           (xs[None, None, :] >= x0[:, None, None]) & (xs[None, None, :] < (x0 + w)[:, None, None]))
+    box &= (torch.rand(B, device=x.device) < p)[:, None, None]
+    return torch.where(box[:, None], torch.randn_like(x), x)

@@ -1,0 +1,200 @@
+"""Train a Vision Transformer classifier.
+
+    python vit/train.py --preset quick                         # Fashion-MNIST, ~2 min on a laptop CPU
+    python vit/train.py --preset default                       # the 30-minute CPU quality run
+    torchrun --nproc_per_node 8 vit/train.py --preset paper --dataset cifar10
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from utils import data as D
+from utils import run as R
+from vit.model import ViT, ViTConfig, param_count
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/vit"
+    """ckpt.pt (last), best.pt (best test accuracy), metrics.jsonl, summary.json"""
+    preset: str = "default"
+    """quick | default | paper; flags given explicitly override it"""
+    dataset: str = "fashion-mnist"
+    """fashion-mnist | mnist | cifar10 | synthetic[-name]"""
+    data_dir: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    wandb: bool = False
+    patch_size: int = 4
+    dim: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_dim: int = 256
+    dropout: float = 0.0
+    drop_path: float = 0.1
+    pool: str = "cls"
+    """cls | mean"""
+    pos_emb: str = "learned"
+    """learned | sincos"""
+    epochs: int = 16
+    batch_size: int = 128
+    """per process"""
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    crop_pad: int = 2
+    """random crop after zero padding by this many pixels (0: off)"""
+    erase_p: float = 0.25
+    """random erasing probability (0: off)"""
+    hflip: bool = True
+    """random horizontal flips (never applied to digits)"""
+    compile: bool = False
+
+
+PRESETS = {
+    "quick": dict(patch_size=7, dim=64, depth=4, heads=4, mlp_dim=128, epochs=3, drop_path=0.0, erase_p=0.0),
+    "default": {},
+    # ViT-Tiny (Touvron et al. 2021) width and depth, for GPUs
+    "paper": dict(dim=192, depth=12, heads=3, mlp_dim=768, epochs=100, batch_size=256, lr=1e-3, warmup_epochs=5),
+}
+
+
+def lr_at(step, total, warmup, lr):
+    """Linear warmup, then cosine decay to zero."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def evaluate(model, x, y, device, batch_size=500):
+    """Returns (accuracy, predictions) over uint8 images x."""
+    model.eval()
+    preds = []
+    for i in range(0, len(x), batch_size):
+        with R.autocast(device):
+            logits = model(D.to_unit_range(x[i:i + batch_size].to(device)))
+        preds.append(logits.argmax(-1).cpu())
+    model.train()
+    preds = torch.cat(preds)
+    return (preds == y).float().mean().item(), preds
+
+
+def main(cfg: Config) -> dict:
+    cfg = R.apply_preset(cfg, PRESETS)
+    R.check(cfg.epochs > 0 and cfg.batch_size > 0, "--epochs and --batch-size must be positive")
+    R.check(cfg.pool in ("cls", "mean"), "--pool must be cls or mean")
+    R.check(cfg.pos_emb in ("learned", "sincos"), "--pos-emb must be learned or sincos")
+    R.check(cfg.dim % cfg.heads == 0, "--dim must be divisible by --heads")
+    rank, world, device = R.ddp_setup(cfg.device)
+    master = rank == 0
+    R.seed_everything(cfg.seed + rank)
+    c, size, classes = D.dataset_info(cfg.dataset)
+    R.check(size % cfg.patch_size == 0, f"--patch-size {cfg.patch_size} does not divide the image size {size}")
+    xtr, ytr = D.load_images(cfg.dataset, "train", cfg.data_dir)
+    xte, yte = D.load_images(cfg.dataset, "test", cfg.data_dir)
+    mcfg = ViTConfig(image_size=size, patch_size=cfg.patch_size, in_chans=c, num_classes=len(classes), dim=cfg.dim,
+                     depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
+                     drop_path=cfg.drop_path, pool=cfg.pool, pos_emb=cfg.pos_emb)
+    model = ViT(mcfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "pos_embedding" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    out = Path(cfg.out_dir)
+    epoch, best_acc, step = 0, 0.0, 0
+    if cfg.resume:
+        ckpt = R.load_checkpoint(out / "ckpt.pt", "vit", device)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        epoch, best_acc, step = ckpt["epoch"], ckpt["best_test_acc"], ckpt["step"]
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps_per_epoch = len(D.shuffled_batches(len(xtr), cfg.batch_size, 0, cfg.seed, rank, world))
+    R.check(steps_per_epoch > 0, f"batch size {cfg.batch_size} x {world} is larger than the training set")
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    flip = cfg.hflip and D.flips_are_valid(cfg.dataset)
+    log = R.Logger(out, cfg, "papers-vit", cfg.wandb, cfg.resume, enabled=master)
+    if master:
+        print(f"ViT {param_count(raw) / 1e6:.2f}M params | {raw.num_patches} patches + "
+              f"{'cls' if cfg.pool == 'cls' else 'mean pool'} | {cfg.dataset} {len(xtr)}/{len(xte)} | "
+              f"world {world} | {device}")
+
+    def checkpoint(path):
+        R.save_checkpoint({"kind": "vit", "model": raw.state_dict(), "model_config": asdict(mcfg),
+                           "config": asdict(cfg), "classes": classes, "dataset": cfg.dataset, "epoch": epoch,
+                           "step": step, "optimizer": opt.state_dict(), "best_test_acc": best_acc,
+                           "test_acc": acc}, path)
+
+    t_start, t_train, n_seen, acc = time.time(), 0.0, 0, 0.0
+    try:
+        while epoch < cfg.epochs:
+            t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+            batches = D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed, rank, world)
+            for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False):
+                x, y = D.to_unit_range(xtr[idx].to(device)), ytr[idx].to(device)
+                if flip:
+                    x = D.random_flip(x)
+                if cfg.crop_pad:
+                    x = D.random_crop(x, cfg.crop_pad)
+                if cfg.erase_p:
+                    x = D.random_erasing(x, cfg.erase_p)
+                lr = lr_at(step, total, warmup, cfg.lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with R.autocast(device):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(-1) == y).sum().item()
+                seen += len(y)
+            dt = time.perf_counter() - t0
+            t_train, n_seen = t_train + dt, n_seen + seen * world
+            epoch += 1
+            acc, _ = evaluate(raw, xte, yte, device)
+            best_acc = max(best_acc, acc)
+            if master:
+                row = {"epoch": epoch, "step": step, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                       "test_acc": acc, "lr": lr, "epoch_s": dt, "images_per_s": seen * world / dt}
+                log.log(row, step=step, echo=f"epoch {epoch} | loss {row['train_loss']:.4f} | train acc "
+                        f"{row['train_acc']:.4f} | test acc {acc:.4f} | {dt:.0f} s | {row['images_per_s']:.0f} img/s")
+                if acc >= best_acc:
+                    checkpoint(out / "best.pt")
+                checkpoint(out / "ckpt.pt")
+    except KeyboardInterrupt:
+        if master:
+            checkpoint(out / "ckpt.pt")
+            print(f"interrupted in epoch {epoch + 1}: saved {out / 'ckpt.pt'} (continue with --resume)")
+    summary = {"test_acc": acc, "best_test_acc": best_acc, "epochs": epoch, "wall_s": round(time.time() - t_start, 1),
+               "images_per_s": round(n_seen / max(t_train, 1e-9), 1), "params": param_count(raw),
+               "dataset": cfg.dataset, "world_size": world, "device": str(device)}
+    if master:
+        R.write_json(out / "summary.json", summary)
+        print(f"done: test acc {acc:.4f} (best {best_acc:.4f}) after {epoch} epochs in {summary['wall_s']} s, "
+              f"{summary['images_per_s']:.0f} img/s -> {out}")
+    log.close()
+    if world > 1:
+        dist.barrier()
+    R.ddp_cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    main(R.parse(Config, PRESETS))
