@@ -1,0 +1,70 @@
+"""Evaluate a trained PPO agent and render an episode to a GIF.
+
+    python ppo/sample.py --out-dir out/ppo                  # 20 deterministic episodes + episode.gif
+    python ppo/sample.py --out-dir out/ppo --render human    # watch it (needs a display)
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppo.model import ActorCritic
+from ppo.train import evaluate
+from utils import plot as P
+from utils import run as R
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/ppo"
+    """training output folder: ckpt.pt is loaded from it, eval.json and episode.gif written to it"""
+    ckpt: str | None = None
+    env: str | None = None
+    """defaults to the checkpoint's env; another id is refused"""
+    episodes: int = 20
+    stochastic: bool = False
+    """sample actions instead of taking the mode"""
+    render: str = "gif"
+    """gif | human | none"""
+    gif_scale: float = 0.5
+    """frame size factor for the GIF (keeps it small)"""
+    seed: int = 0
+
+
+def load_agent(path):
+    ckpt = R.load_checkpoint(path, "ppo")
+    agent = ActorCritic(**ckpt["model_config"])
+    agent.load_state_dict(ckpt["model"])
+    return agent.eval(), ckpt
+
+
+def main(cfg: Config) -> dict:
+    R.check(cfg.episodes > 0, "--episodes must be positive")
+    R.check(cfg.render in ("gif", "human", "none"), "--render must be gif, human or none")
+    out = Path(cfg.out_dir)
+    agent, ckpt = load_agent(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt")
+    env_id = cfg.env or ckpt["env"]
+    R.check(env_id == ckpt["env"], f"the checkpoint is for {ckpt['env']}, not {env_id}")
+    torch.manual_seed(cfg.seed)
+    rets, lens, _ = evaluate(agent, env_id, cfg.episodes, cfg.seed, not cfg.stochastic,
+                             "human" if cfg.render == "human" else None)
+    result = {"env": env_id, "returns": rets, "lengths": lens, "mean": float(np.mean(rets)),
+              "std": float(np.std(rets)), "deterministic": not cfg.stochastic, "step": ckpt["step"]}
+    R.write_json(out / "eval.json", result)
+    print(f"{env_id}: return {result['mean']:.1f} +- {result['std']:.1f} over {cfg.episodes} episodes -> "
+          f"{out / 'eval.json'}")
+    if cfg.render == "gif":
+        from PIL import Image
+        r, _, frames = evaluate(agent, env_id, 1, cfg.seed, not cfg.stochastic, "rgb_array")
+        h, w = frames[0].shape[:2]
+        size = (max(1, int(w * cfg.gif_scale)), max(1, int(h * cfg.gif_scale)))
+        small = [np.asarray(Image.fromarray(f).resize(size)) for f in frames[::2]]  # every other frame: 25 fps
+        P.save_gif(small, out / "episode.gif", fps=25, hold=5)
+        result["gif"] = str(out / "episode.gif")
+        print(f"wrote {out / 'episode.gif'} ({len(small)} frames, return {r[0]:.1f})")
+    return result
+
+
+if __name__ == "__main__":
+    main(R.parse(Config))

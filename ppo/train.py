@@ -1,0 +1,263 @@
+"""Train PPO on a gymnasium environment.
+
+    python ppo/train.py                                 # CartPole-v1, RL-Zoo hyperparameters, 100k steps
+    python ppo/train.py --preset pendulum               # Pendulum-v1 (continuous actions)
+    python ppo/train.py --env MountainCar-v0 --total-timesteps 500000
+"""
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from ppo.model import ActorCritic, RunningNorm, compute_gae, ppo_loss
+from utils import run as R
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/ppo"
+    """ckpt.pt (last), best.pt (best running training return), metrics.jsonl, summary.json"""
+    preset: str = "default"
+    """quick | default (= cartpole) | cartpole | acrobot | pendulum | paper (the paper's MuJoCo settings)"""
+    env: str = "CartPole-v1"
+    """any gymnasium id with a Box observation and Discrete or Box actions"""
+    device: str = "cpu"
+    """small MLPs run fastest on the CPU"""
+    seed: int = 1
+    resume: bool = False
+    wandb: bool = False
+    total_timesteps: int = 100_000
+    num_envs: int = 8
+    num_steps: int = 32
+    """rollout length T per env"""
+    minibatch_size: int = 256
+    update_epochs: int = 20
+    gamma: float = 0.98
+    gae_lambda: float = 0.8
+    lr: float = 1e-3
+    anneal_lr: bool = True
+    """lr decays linearly to 0"""
+    clip_coef: float = 0.2
+    anneal_clip: bool = True
+    """epsilon decays linearly to 0 (RL-Zoo's lin_0.2)"""
+    vf_clip: float | None = None
+    """clip the value update around the old values (None: off)"""
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    max_grad_norm: float = 0.5
+    target_kl: float | None = None
+    """stop the epochs of an update once approx_kl exceeds this"""
+    norm_adv: bool = True
+    normalize_obs: bool = False
+    normalize_reward: bool = False
+    hidden: int = 64
+    shared: bool = False
+    """one trunk for actor and critic"""
+    eval_episodes: int = 20
+    threads: int = 1
+    """torch threads; 1 is fastest for 64-unit MLPs"""
+
+
+CARTPOLE = {}  # the dataclass defaults are RL-Zoo's CartPole-v1 settings
+PRESETS = {
+    "default": CARTPOLE,
+    "cartpole": CARTPOLE,
+    "quick": dict(total_timesteps=50_000),
+    "acrobot": dict(env="Acrobot-v1", total_timesteps=300_000, num_envs=16, num_steps=256, minibatch_size=512,
+                    update_epochs=4, gamma=0.99, gae_lambda=0.94, lr=1e-3, anneal_clip=False,
+                    normalize_obs=True, normalize_reward=True),
+    "pendulum": dict(env="Pendulum-v1", total_timesteps=300_000, num_envs=4, num_steps=1024, minibatch_size=256,
+                     update_epochs=10, gamma=0.9, gae_lambda=0.95, lr=1e-3, anneal_clip=False,
+                     normalize_obs=True, normalize_reward=True),
+    # Table 3 of the paper (MuJoCo): 2048 steps, 10 epochs, minibatch 64, gamma 0.99, lambda 0.95, Adam 3e-4
+    "paper": dict(env="HalfCheetah-v5", total_timesteps=1_000_000, num_envs=1, num_steps=2048, minibatch_size=64,
+                  update_epochs=10, gamma=0.99, gae_lambda=0.95, lr=3e-4, anneal_clip=False, normalize_obs=True,
+                  normalize_reward=True, vf_clip=0.2),
+}
+
+
+def make_env(env_id, render_mode=None):
+    try:
+        return gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode=render_mode))
+    except gym.error.Error as e:
+        R.die(f"cannot make env '{env_id}': {e}")
+    except ImportError as e:
+        R.die(f"env '{env_id}' needs an extra package: {e}")
+
+
+def env_spaces(env):
+    obs, act = env.observation_space, env.action_space
+    R.check(isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1, f"needs a flat Box observation, got {obs}")
+    R.check(isinstance(act, (gym.spaces.Discrete, gym.spaces.Box)), f"needs Discrete or Box actions, got {act}")
+    continuous = isinstance(act, gym.spaces.Box)
+    return obs.shape[0], (act.shape[0] if continuous else int(act.n)), continuous
+
+
+@torch.no_grad()
+def evaluate(agent, env_id, episodes, seed, deterministic=True, render_mode=None, frames_of=0):
+    """Run full episodes with one env; returns (returns, lengths, frames of episode `frames_of` if rendering)."""
+    if render_mode == "rgb_array":
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # off-screen frames need no display
+    env = make_env(env_id, render_mode)
+    low, high = (env.action_space.low, env.action_space.high) if agent.continuous else (None, None)
+    returns, lengths, frames = [], [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done, ret, n = False, 0.0, 0
+        while not done:
+            if render_mode == "rgb_array" and ep == frames_of:
+                frames.append(env.render())
+            a, _, _, _ = agent.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=deterministic)
+            a = a[0].numpy()
+            obs, r, term, trunc, _ = env.step(np.clip(a, low, high) if agent.continuous else int(a))
+            ret, n, done = ret + float(r), n + 1, term or trunc
+        returns.append(ret)
+        lengths.append(n)
+    env.close()
+    return returns, lengths, frames
+
+
+def main(cfg: Config) -> dict:
+    cfg = R.apply_preset(cfg, PRESETS)
+    for k in ("total_timesteps", "num_envs", "num_steps", "minibatch_size", "update_epochs", "eval_episodes"):
+        R.check(getattr(cfg, k) > 0, f"--{k.replace('_', '-')} must be positive")
+    R.check(0 < cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]")
+    torch.set_num_threads(cfg.threads)
+    R.seed_everything(cfg.seed)
+    device = R.pick_device(cfg.device)
+    obs_dim, act_dim, continuous = env_spaces(make_env(cfg.env))  # fails fast, with one line, on a bad id
+    envs = gym.vector.SyncVectorEnv([lambda: make_env(cfg.env) for _ in range(cfg.num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    agent = ActorCritic(obs_dim, act_dim, continuous, cfg.hidden, cfg.shared, cfg.normalize_obs).to(device)
+    opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+    ret_norm, ret_acc = RunningNorm(()), np.zeros(cfg.num_envs)  # reward scaling by the discounted return's std
+    T, N = cfg.num_steps, cfg.num_envs
+    batch = T * N
+    num_updates = max(1, cfg.total_timesteps // batch)
+    out = Path(cfg.out_dir)
+    update, global_step, best = 0, 0, -float("inf")
+    if cfg.resume:
+        ckpt = R.load_checkpoint(out / "ckpt.pt", "ppo", device)
+        R.check(ckpt["env"] == cfg.env, f"--resume: the checkpoint is for {ckpt['env']}, not {cfg.env}")
+        agent.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ret_norm.load_state_dict(ckpt["reward_norm"])
+        update, global_step, best = ckpt["update"], ckpt["step"], ckpt["best_return"]
+    log = R.Logger(out, cfg, "papers-ppo", cfg.wandb, cfg.resume)
+    low, high = (envs.single_action_space.low, envs.single_action_space.high) if continuous else (None, None)
+
+    def checkpoint(path):
+        R.save_checkpoint({"kind": "ppo", "env": cfg.env, "model": agent.state_dict(),
+                           "model_config": dict(obs_dim=obs_dim, act_dim=act_dim, continuous=continuous,
+                                                hidden=cfg.hidden, shared=cfg.shared, normalize_obs=cfg.normalize_obs),
+                           "config": asdict(cfg), "update": update, "step": global_step, "optimizer": opt.state_dict(),
+                           "reward_norm": ret_norm.state_dict(), "best_return": best}, path)
+
+    buf = {k: torch.zeros((T, N) + s) for k, s in [("obs", (obs_dim,)), ("next_obs", (obs_dim,)), ("logp", ()),
+           ("values", ()), ("rewards", ()), ("term", ()), ("trunc", ()),
+           ("actions", (act_dim,) if continuous else ())]}
+    obs, _ = envs.reset(seed=cfg.seed + 1000 * update)
+    envs.action_space.seed(cfg.seed)
+    recent, t_start = [], time.time()
+    print(f"PPO on {cfg.env}: {num_updates} updates of {N} envs x {T} steps, {cfg.update_epochs} epochs, "
+          f"minibatch {cfg.minibatch_size}")
+    try:
+        while update < num_updates:
+            frac = 1.0 - update / num_updates
+            lr, clip = cfg.lr * (frac if cfg.anneal_lr else 1.0), cfg.clip_coef * (frac if cfg.anneal_clip else 1.0)
+            opt.param_groups[0]["lr"] = lr
+            # ---- rollout: T steps in N envs with pi_theta_old
+            agent.eval()
+            for t in range(T):
+                if cfg.normalize_obs:
+                    agent.obs_norm.update(obs)
+                obs_t = torch.as_tensor(obs, dtype=torch.float32)
+                with torch.no_grad():
+                    action, logp, _, value = agent.act(obs_t)
+                a = action.numpy()
+                next_obs, r, term, trunc, info = envs.step(np.clip(a, low, high) if continuous else a)
+                real_next = next_obs.copy()  # with SAME_STEP autoreset a finished env already shows its reset obs
+                if "_final_obs" in info:
+                    for i in np.flatnonzero(info["_final_obs"]):
+                        real_next[i] = info["final_obs"][i]
+                    ep = info["final_info"]["episode"]
+                    for i in np.flatnonzero(info["final_info"]["_episode"]):
+                        recent.append(float(ep["r"][i]))
+                        log.log({"step": global_step + (t + 1) * N, "episodic_return": float(ep["r"][i]),
+                                 "episodic_length": int(ep["l"][i])})
+                if cfg.normalize_reward:
+                    ret_acc = ret_acc * cfg.gamma + r
+                    ret_norm.update(ret_acc)
+                    ret_acc[term | trunc] = 0.0
+                    r = r / np.sqrt(ret_norm.var.item() + 1e-8)
+                for k, v in (("obs", obs_t), ("actions", action), ("logp", logp), ("values", value),
+                             ("rewards", r), ("term", term), ("trunc", trunc), ("next_obs", real_next)):
+                    buf[k][t] = torch.as_tensor(v, dtype=torch.float32)
+                obs = next_obs
+            global_step += batch
+            with torch.no_grad():
+                next_values = agent.value(buf["next_obs"].view(T * N, -1)).view(T, N)
+                advantages, returns = compute_gae(buf["rewards"], buf["values"], next_values, buf["term"],
+                                                  buf["trunc"], cfg.gamma, cfg.gae_lambda)
+            # ---- optimise the surrogate for K epochs over minibatches
+            agent.train()
+            b = {k: v.reshape((T * N,) + v.shape[2:]) for k, v in buf.items()}
+            b_adv, b_ret = advantages.reshape(-1), returns.reshape(-1)
+            stats = []
+            for epoch in range(cfg.update_epochs):
+                perm = torch.randperm(batch)
+                for start in range(0, batch, cfg.minibatch_size):
+                    mb = perm[start:start + cfg.minibatch_size]
+                    _, new_logp, ent, new_v = agent.act(b["obs"][mb], b["actions"][mb].long() if not continuous
+                                                        else b["actions"][mb])
+                    adv = b_adv[mb]
+                    if cfg.norm_adv and len(mb) > 1:
+                        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    L = ppo_loss(new_logp, b["logp"][mb], adv, new_v, b["values"][mb], b_ret[mb], ent, clip,
+                                 cfg.vf_clip, cfg.vf_coef, cfg.ent_coef)
+                    opt.zero_grad(set_to_none=True)
+                    L["loss"].backward()
+                    torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                    opt.step()
+                    stats.append({k: v.item() for k, v in L.items()})
+                if cfg.target_kl is not None and stats[-1]["approx_kl"] > cfg.target_kl:
+                    break
+            update += 1
+            mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+            sps = global_step / (time.time() - t_start)
+            mean_ret = float(np.mean(recent[-20:])) if recent else float("nan")
+            log.log({"step": global_step, "update": update, "lr": lr, "clip_coef": clip, "steps_per_s": sps,
+                     "mean_return_20": mean_ret, **{f"losses/{k}": v for k, v in mean.items()}}, step=global_step)
+            if update % max(1, num_updates // 20) == 0 or update == num_updates:
+                print(f"step {global_step:>7d} | return(20) {mean_ret:8.2f} | pg {mean['pg_loss']:+.4f} | v "
+                      f"{mean['v_loss']:.4f} | ent {mean['entropy']:.3f} | kl {mean['approx_kl']:.4f} | clipfrac "
+                      f"{mean['clipfrac']:.3f} | {sps:,.0f} steps/s")
+            if len(recent) >= 5 and mean_ret > best:
+                best = mean_ret
+                checkpoint(out / "best.pt")
+    except KeyboardInterrupt:
+        print(f"interrupted at step {global_step}: saving {out / 'ckpt.pt'} (continue with --resume)")
+    envs.close()
+    train_s = time.time() - t_start
+    checkpoint(out / "ckpt.pt")
+    agent.eval()
+    rets, lens, _ = evaluate(agent, cfg.env, cfg.eval_episodes, seed=10_000 + cfg.seed)
+    summary = {"env": cfg.env, "eval_return_mean": float(np.mean(rets)), "eval_return_std": float(np.std(rets)),
+               "eval_episodes": len(rets), "eval_length_mean": float(np.mean(lens)), "env_steps": global_step,
+               "wall_s": round(time.time() - t_start, 2), "train_s": round(train_s, 2),
+               "steps_per_s": round(global_step / train_s, 1), "seed": cfg.seed}
+    R.write_json(out / "summary.json", summary)
+    log.log({"step": global_step, "eval_return_mean": summary["eval_return_mean"]}, step=global_step)
+    log.close()
+    print(f"done: eval return {summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f} over "
+          f"{len(rets)} deterministic episodes after {global_step} steps; train {train_s:.1f} s, "
+          f"{summary['steps_per_s']:,.0f} steps/s -> {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(R.parse(Config, PRESETS))

@@ -1,0 +1,139 @@
+import json
+import subprocess
+import sys
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal
+
+from ppo import sample, train
+from ppo.model import ActorCritic, RunningNorm, compute_gae, ppo_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gae_by_hand(r, v, nv, term, trunc, gamma, lam):
+    """Straight from the definition: A_t = sum_l (gamma lam)^l delta_{t+l}, stopping after the episode's end."""
+    T = len(r)
+    delta = [r[t] + gamma * (1 - term[t]) * nv[t] - v[t] for t in range(T)]
+    adv = []
+    for t in range(T):
+        a, w = 0.0, 1.0
+        for k in range(t, T):
+            a += w * delta[k]
+            if term[k] or trunc[k]:
+                break
+            w *= gamma * lam
+        adv.append(a)
+    return adv
+
+
+CASE = dict(r=[1.0, 0.5, -1.0, 2.0, 0.0, 1.0], v=[0.3, -0.2, 0.5, 1.0, 0.1, 0.4],
+            nv=[-0.2, 0.5, 7.0, 0.1, 0.4, 0.9],  # nv[2] = V(final obs) of a truncated episode; nv[4] is a terminal's
+            term=[0, 0, 0, 0, 1, 0], trunc=[0, 0, 1, 0, 0, 0])
+
+
+def run_gae(gamma, lam):
+    c = {k: torch.tensor(v, dtype=torch.float64)[:, None] for k, v in CASE.items()}
+    return compute_gae(c["r"], c["v"], c["nv"], c["term"], c["trunc"], gamma, lam)
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (0.9, 0.0), (0.9, 1.0)])
+def test_gae_matches_hand_computation(gamma, lam):
+    adv, ret = run_gae(gamma, lam)
+    assert np.allclose(adv[:, 0].numpy(), gae_by_hand(**CASE, gamma=gamma, lam=lam))
+    assert torch.allclose(ret, adv + torch.tensor(CASE["v"], dtype=torch.float64)[:, None])
+
+
+def test_gae_lambda_0_is_td_error_and_1_is_discounted_return():
+    g = 0.9
+    adv0, _ = run_gae(g, 0.0)
+    td = [CASE["r"][t] + g * (1 - CASE["term"][t]) * CASE["nv"][t] - CASE["v"][t] for t in range(6)]
+    assert np.allclose(adv0[:, 0].numpy(), td)
+    adv1, _ = run_gae(g, 1.0)
+    r, v = CASE["r"], CASE["v"]
+    # episode 1 (t=0..2) is truncated: bootstrap from V(final obs) = 7.0; episode 2 (t=3,4) terminates; t=5 is cut
+    # by the rollout end and bootstraps from nv[5]
+    G = [r[0] + g * r[1] + g * g * r[2] + g ** 3 * 7.0, r[1] + g * r[2] + g * g * 7.0, r[2] + g * 7.0,
+         r[3] + g * r[4], r[4], r[5] + g * 0.9]
+    assert np.allclose(adv1[:, 0].numpy(), np.array(G) - np.array(v))
+
+
+def test_clipped_objective_has_zero_gradient_on_clipped_side():
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    # ratios 1.5 (A>0, clipped), 0.9 (A>0, inside), 0.5 (A<0, clipped), 1.1 (A<0, inside)
+    new = torch.log(torch.tensor([1.5, 0.9, 0.5, 1.1])).requires_grad_()
+    zeros = torch.zeros(4)
+    L = ppo_loss(new, old, adv, zeros, zeros, zeros, zeros, clip_coef=0.2)
+    L["pg_loss"].backward()
+    g = new.grad
+    assert g[0] == 0 and g[2] == 0 and g[1] != 0 and g[3] != 0
+    assert abs(L["clipfrac"].item() - 0.5) < 1e-6
+
+
+def test_gaussian_logprob_and_entropy_equal_torch_distributions():
+    torch.manual_seed(0)
+    agent = ActorCritic(3, 2, continuous=True)
+    with torch.no_grad():
+        agent.log_std.copy_(torch.tensor([-0.5, 0.3]))
+    obs = torch.randn(5, 3)
+    a, logp, ent, _ = agent.act(obs)
+    mu = agent.actor(obs)
+    ref = Normal(mu, torch.tensor([-0.5, 0.3]).exp())
+    assert torch.allclose(logp, ref.log_prob(a).sum(-1), atol=1e-6)
+    assert torch.allclose(ent, ref.entropy().sum(-1), atol=1e-6)
+    big = torch.full((5, 2), 10.0)  # log-prob of an action outside the bounds is the unclipped Gaussian's
+    assert torch.allclose(agent.act(obs, big)[1], ref.log_prob(big).sum(-1), atol=1e-5)
+
+
+def test_running_norm_matches_numpy():
+    rn = RunningNorm((3,))
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(1000, 3))
+    for chunk in np.split(x, 10):
+        rn.update(chunk)
+    assert np.allclose(rn.mean.numpy(), x.mean(0), atol=1e-3) and np.allclose(rn.var.numpy(), x.var(0), rtol=1e-3)
+
+
+def test_smoke_train_then_evaluate_gif(tmp_path):
+    out = tmp_path / "run"
+    s = train.main(train.Config(out_dir=str(out), total_timesteps=2048, num_envs=4, num_steps=64, update_epochs=2,
+                                eval_episodes=2))
+    for f in ["ckpt.pt", "metrics.jsonl", "summary.json"]:
+        assert (out / f).exists()
+    assert {"eval_return_mean", "eval_return_std", "env_steps", "wall_s", "steps_per_s"} <= set(s)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert any("losses/approx_kl" in r for r in rows) and any("episodic_return" in r for r in rows)
+    r = subprocess.run([sys.executable, "ppo/sample.py", "--out-dir", str(out), "--episodes", "2"], cwd=REPO,
+                       capture_output=True, text=True, env={**os.environ, "SDL_VIDEODRIVER": "dummy"})
+    assert r.returncode == 0, r.stderr
+    assert (out / "episode.gif").stat().st_size > 1000 and len(json.load(open(out / "eval.json"))["returns"]) == 2
+    r = subprocess.run([sys.executable, "ppo/sample.py", "--out-dir", str(out), "--env", "Acrobot-v1"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "CartPole-v1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_continuous_env_runs(tmp_path):
+    s = train.main(train.Config(out_dir=str(tmp_path), preset="pendulum", total_timesteps=512, num_envs=2,
+                                num_steps=256, update_epochs=1, eval_episodes=1))
+    assert s["env"] == "Pendulum-v1" and np.isfinite(s["eval_return_mean"])
+
+
+def test_bad_input_exits_2(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(train.Config(env="NoSuchEnv-v9", out_dir=str(tmp_path)))
+    assert e.value.code == 2
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        sample.main(sample.Config(out_dir=str(tmp_path)))
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_cartpole_learns_within_30k_steps(tmp_path):
+    s = train.main(train.Config(out_dir=str(tmp_path), total_timesteps=30_000, eval_episodes=5, seed=1))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    best = max(r["mean_return_20"] for r in rows if "mean_return_20" in r and r["mean_return_20"] == r["mean_return_20"])
+    assert best > 150, best
