@@ -119,6 +119,10 @@ def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,180 @@
+"""Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020, arXiv 2006.11239), with DDIM sampling
+(Song, Meng, Ermon 2021, arXiv 2010.02502). Equation numbers refer to the DDPM paper.
+
+The algorithm is separate from the network: Diffusion(eps_model=UNet(...)).
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def linear_betas(T=1000, beta_1=1e-4, beta_T=0.02):
+    """Section 4: beta_t increasing linearly from 1e-4 to 0.02."""
+    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+
+
+def cosine_betas(T=1000, s=0.008):
+    """Nichol & Dhariwal 2021 Eq. (17): alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi / 2), betas clipped at 0.999."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+class Diffusion(nn.Module):
+    """Timesteps are 0-indexed: index t here is the paper's t + 1, so x_0 is data and index T - 1 is x_T."""
+
+    def __init__(self, eps_model, T=1000, schedule="linear", sigma="beta", clip_denoised=True):
+        super().__init__()
+        assert schedule in ("linear", "cosine") and sigma in ("beta", "beta_tilde")
+        self.eps_model, self.T, self.sigma, self.clip_denoised = eps_model, T, sigma, clip_denoised
+        betas = linear_betas(T) if schedule == "linear" else cosine_betas(T)
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        beta_tilde = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)  # Eq. (7)
+        for name, v in dict(betas=betas, alphas=1 - betas, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                            beta_tilde=beta_tilde,
+                            # Eq. (7): mu_tilde = coef0 * x_0 + coef_t * x_t
+                            coef0=alpha_bar_prev.sqrt() * betas / (1 - alpha_bar),
+                            coef_t=(1 - betas).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)).items():
+            self.register_buffer(name, v.float())
+
+    @staticmethod
+    def _at(buf, t, x):
+        return buf[t].view(-1, *([1] * (x.dim() - 1)))  # broadcast (B,) over the image dims
+
+    def q_sample(self, x0, t, eps):
+        """Eq. (4): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        ab = self._at(self.alpha_bar, t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def loss(self, x0):
+        """Simplified objective, Eq. (14) / Algorithm 1: E_{t, x_0, eps} || eps - eps_theta(x_t, t) ||^2."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        return F.mse_loss(self.eps_model(self.q_sample(x0, t, eps), t), eps)
+
+    def forward(self, x0):
+        """The training loss, so that DistributedDataParallel sees the forward pass."""
+        return self.loss(x0)
+
+    def predict_x0(self, xt, t, eps):
+        """Invert Eq. (4) for x_0 given the predicted noise."""
+        ab = self._at(self.alpha_bar, t, xt)
+        x0 = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return x0.clamp(-1, 1) if self.clip_denoised else x0
+
+    def sigma2(self, t):
+        """sigma_t^2 = beta_t or beta_tilde_t (Section 3.2; both gave similar results in the paper)."""
+        return self.betas[t] if self.sigma == "beta" else self.beta_tilde[t]
+
+    def p_mean(self, xt, t):
+        """mu_theta(x_t, t): the posterior mean of Eq. (7) at the predicted x_0 (equal to Eq. (11) when unclipped)."""
+        eps = self.eps_model(xt, t)
+        x0 = self.predict_x0(xt, t, eps)
+        return self._at(self.coef0, t, xt) * x0 + self._at(self.coef_t, t, xt) * xt
+
+    @torch.no_grad()
+    def p_sample(self, xt, t_int):
+        """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) (no noise at the last step)."""
+        t = torch.full((xt.shape[0],), t_int, device=xt.device, dtype=torch.long)
+        mean = self.p_mean(xt, t)
+        if t_int == 0:
+            return mean
+        return mean + self.sigma2(t_int).sqrt() * torch.randn_like(xt)
+
+    def ddim_timesteps(self, steps):
+        """A sub-sequence tau of [0, T) with `steps` entries, evenly spaced, ending at T - 1."""
+        return torch.linspace(0, self.T - 1, steps).round().long().unique()
+
+    def ddim_sigma(self, t, t_prev, eta):
+        """DDIM Eq. (16): sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)."""
+        ab, ab_prev = self.alpha_bar[t], (self.alpha_bar[t_prev] if t_prev >= 0 else self.alpha_bar.new_tensor(1.0))
+        return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+
+    @torch.no_grad()
+    def ddim_step(self, xt, t_int, t_prev, eta):
+        """DDIM Eq. (12): x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_theta + sigma z."""
+        t = torch.full((xt.shape[0],), t_int, device=xt.device, dtype=torch.long)
+        eps = self.eps_model(xt, t)
+        x0 = self.predict_x0(xt, t, eps)
+        if self.clip_denoised:  # keep eps consistent with the clipped x0
+            ab = self.alpha_bar[t_int]
+            eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+        ab_prev = self.alpha_bar[t_prev] if t_prev >= 0 else self.alpha_bar.new_tensor(1.0)
+        sigma = self.ddim_sigma(t_int, t_prev, eta)
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        return x + sigma * torch.randn_like(xt) if t_prev >= 0 else x
+
+    @torch.no_grad()
+    def sample(self, shape, device, sampler="ddpm", steps=None, eta=0.0, trajectory_every=0, progress=None):
+        """x_T ~ N(0, I), then the reverse chain. Returns (x_0 in [-1, 1], [x_t snapshots] if trajectory_every)."""
+        x = torch.randn(shape, device=device)
+        traj = [x] if trajectory_every else []
+        if sampler == "ddpm":
+            ts = list(range(self.T - 1, -1, -1))
+            pairs = [(t, t - 1) for t in ts]
+        else:
+            tau = self.ddim_timesteps(steps or 50).tolist()
+            pairs = [(tau[i], tau[i - 1] if i > 0 else -1) for i in range(len(tau) - 1, -1, -1)]
+        for i, (t, t_prev) in enumerate(progress(pairs) if progress else pairs):
+            x = self.p_sample(x, t) if sampler == "ddpm" else self.ddim_step(x, t, t_prev, eta)
+            if trajectory_every and ((i + 1) % trajectory_every == 0 or t_prev < 0):
+                traj.append(x)
+        return x.clamp(-1, 1), traj
+
+    # ------------------------------------------------------------------ the variational bound (Section 3.3)
+
+    @torch.no_grad()
+    def nll_bound_bpd(self, x0, num_t=None):
+        """L = L_T + sum_{t>1} L_{t-1} + L_0 (Eq. 5) in bits/dim, for x0 in [-1, 1] on the 256-level grid.
+
+        L_T = KL(q(x_T|x_0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x_0) || p_theta(x_{t-1}|x_t)) between Gaussians
+        with p's variance sigma_t^2; L_0 = -log p_theta(x_0|x_1) with the discrete decoder of Eq. (13).
+        num_t=None sums all T terms; an integer gives an unbiased Monte-Carlo estimate of the sum over t."""
+        B, D = x0.shape[0], x0[0].numel()
+        ab_T = self.alpha_bar[-1]
+        mean_T, var_T = ab_T.sqrt() * x0, 1 - ab_T
+        L_T = 0.5 * (var_T + mean_T ** 2 - 1 - torch.log(var_T)).flatten(1).sum(1)
+        ts = torch.arange(1, self.T) if num_t is None else torch.randint(1, self.T, (num_t,))
+        L_mid = torch.zeros(B, device=x0.device)
+        for t_int in ts.tolist():
+            t = torch.full((B,), t_int, device=x0.device, dtype=torch.long)
+            xt = self.q_sample(x0, t, torch.randn_like(x0))
+            mu_q = self._at(self.coef0, t, x0) * x0 + self._at(self.coef_t, t, x0) * xt
+            var_q, var_p = self.beta_tilde[t_int], self.sigma2(t_int)
+            kl = 0.5 * (torch.log(var_p / var_q) + (var_q + (mu_q - self.p_mean(xt, t)) ** 2) / var_p - 1)
+            L_mid += kl.flatten(1).sum(1)
+        if num_t is not None:
+            L_mid *= (self.T - 1) / num_t
+        t0 = torch.zeros(B, device=x0.device, dtype=torch.long)
+        x1 = self.q_sample(x0, t0, torch.randn_like(x0))
+        L_0 = -discretized_gaussian_log_likelihood(x0, self.p_mean(x1, t0), self.betas[0]).flatten(1).sum(1)
+        return (L_T + L_mid + L_0) / (D * math.log(2))
+
+
+def discretized_gaussian_log_likelihood(x0, mean, var):
+    """Eq. (13): log of the Gaussian mass of the bin of width 2/255 around each pixel, bins at the edges extended
+    to -inf / +inf."""
+    std = var.sqrt()
+    normal = torch.distributions.Normal(mean, std)
+    upper = torch.where(x0 > 0.999, torch.ones_like(x0), normal.cdf(x0 + 1 / 255))
+    lower = torch.where(x0 < -0.999, torch.zeros_like(x0), normal.cdf(x0 - 1 / 255))
+    return torch.log((upper - lower).clamp(min=1e-12))
+
+
+class EMA:
+    """Exponential moving average of the weights (Section 4: decay 0.9999), used for sampling and evaluation."""
+
+    def __init__(self, model, decay=0.9999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p, 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)

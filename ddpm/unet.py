@@ -1,0 +1,119 @@
+"""The noise predictor eps_theta(x_t, t): a U-Net in the style of PixelCNN++ / Ho et al. 2020 Appendix B.
+
+Residual blocks (GroupNorm, SiLU) with the sinusoidal time embedding added in every block, self-attention at the
+lowest resolution, skip connections from the down path to the up path.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UNetConfig:
+    in_chans: int = 1
+    ch: int = 32
+    """channels at full resolution"""
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    """multiplier per resolution; len - 1 downsamplings (28 -> 14 -> 7 for three entries)"""
+    num_res_blocks: int = 2
+    attn_lowest: bool = True
+    """self-attention at the lowest resolution"""
+    dropout: float = 0.0
+
+
+def timestep_embedding(t, dim):
+    """Transformer sinusoidal embedding of the (integer) timestep, as in Vaswani et al. 2017 Section 3.5."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)  # (B, dim)
+
+
+def norm(ch):
+    return nn.GroupNorm(min(32, ch // 4), ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, t_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(F.silu(temb))[:, :, None, None]  # time embedding into every block
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # each (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, t_dim = cfg.ch, 4 * cfg.ch
+        self.t_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.inp = nn.Conv2d(cfg.in_chans, ch, 3, padding=1)
+        self.down, chans, c = nn.ModuleList(), [ch], ch
+        for i, m in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(ResBlock(c, ch * m, t_dim, cfg.dropout))
+                c = ch * m
+                chans.append(c)
+            if i < len(cfg.ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # downsample
+                chans.append(c)
+        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, cfg.dropout),
+                                  AttnBlock(c) if cfg.attn_lowest else nn.Identity(),
+                                  ResBlock(c, c, t_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(ResBlock(c + chans.pop(), ch * m, t_dim, cfg.dropout))
+                c = ch * m
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, cfg.in_chans, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t):
+        """x: (B, C, H, W), t: (B,) integer timesteps in [0, T) -> predicted noise, (B, C, H, W)."""
+        temb = self.t_mlp(timestep_embedding(t, self.cfg.ch))
+        h = self.inp(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                skip = skips.pop()
+                if skip.shape[-1] != h.shape[-1]:  # odd sizes (7 -> 14 is fine; 7 -> 3 -> 6 would not be)
+                    h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+                h = layer(torch.cat([h, skip], dim=1), temb)
+            else:
+                h = layer(h)
+        return self.out(h)
