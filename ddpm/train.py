@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ddpm.model import EMA, Diffusion
@@ -96,7 +94,7 @@ def main(cfg: Config) -> dict:
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    model = DDP(diffusion, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else diffusion
+    model = R.wrap_ddp(diffusion, device)
     flip = cfg.hflip and D.flips_are_valid(cfg.dataset)
     log = R.Logger(out, cfg, "papers-ddpm", cfg.wandb, cfg.resume, enabled=master)
     n_params = sum(p.numel() for p in diffusion.eps_model.parameters())
@@ -162,8 +160,6 @@ def main(cfg: Config) -> dict:
         print(f"done: loss {summary['final_loss']:.4f} after {step} steps in {summary['wall_s']} s "
               f"({summary['steps_per_s']} steps/s) -> {out}")
     log.close()
-    if world > 1:
-        dist.barrier()
     R.ddp_cleanup()
     return summary
 

@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt.model import GPT, CharTokenizer, GPTConfig
 from utils import data as D
@@ -153,8 +151,7 @@ def main(cfg: Config) -> dict:
     raw = model
     if cfg.compile:
         model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = R.wrap_ddp(model, device)
 
     g = torch.Generator().manual_seed(1234)  # fixed evaluation batches, the same on every rank and every eval
     eval_batches = {s: [get_batch(d, cfg.batch_size, cfg.block_size, g) for _ in range(cfg.eval_iters)]
@@ -190,7 +187,7 @@ def main(cfg: Config) -> dict:
             for micro in range(accum):
                 x, y = get_batch(train, cfg.batch_size, cfg.block_size)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = micro == accum - 1 or world == 1
+                sync = micro == accum - 1 or not hasattr(model, "no_sync")
                 with (nullcontext() if sync else model.no_sync()), R.autocast(device):
                     _, loss, _ = model(x, y)
                     (loss / accum).backward()
@@ -226,8 +223,6 @@ def main(cfg: Config) -> dict:
         print(f"done: val loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc) in {summary['wall_s']} s, "
               f"{tps:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}% -> {out}")
     log.close()
-    if world > 1:
-        dist.barrier()
     R.ddp_cleanup()
     return summary
 

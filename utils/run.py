@@ -167,11 +167,16 @@ class Logger:
 
 # ----------------------------------------------------------------------------- distributed
 
+def launched_by_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def ddp_setup(device_name="auto"):
-    """Under torchrun: init the process group (NCCL on CUDA, gloo on CPU). Returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
+    """Under torchrun (even with one process): init the process group, NCCL on CUDA and gloo on CPU.
+    Returns (rank, world, device); (0, 1, device) for a plain `python train.py`."""
+    if not launched_by_torchrun():
         return 0, 1, pick_device(device_name)
+    world = int(os.environ["WORLD_SIZE"])
     import torch.distributed as dist
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -180,6 +185,14 @@ def ddp_setup(device_name="auto"):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel when launched by torchrun; the model itself otherwise."""
+    if not launched_by_torchrun():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def ddp_cleanup():

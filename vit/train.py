@@ -10,9 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from utils import data as D
@@ -120,8 +118,7 @@ def main(cfg: Config) -> dict:
     raw = model
     if cfg.compile:
         model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = R.wrap_ddp(model, device)
     steps_per_epoch = len(D.shuffled_batches(len(xtr), cfg.batch_size, 0, cfg.seed, rank, world))
     R.check(steps_per_epoch > 0, f"batch size {cfg.batch_size} x {world} is larger than the training set")
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
@@ -190,8 +187,6 @@ def main(cfg: Config) -> dict:
         print(f"done: test acc {acc:.4f} (best {best_acc:.4f}) after {epoch} epochs in {summary['wall_s']} s, "
               f"{summary['images_per_s']:.0f} img/s -> {out}")
     log.close()
-    if world > 1:
-        dist.barrier()
     R.ddp_cleanup()
     return summary
 
