@@ -19,7 +19,8 @@ from utils import data as D
 
 
 def superpixel_graph(img, max_nodes=75, k=8):
-    """img: uint8 (C, H, W) -> (node features (N, C + 2), edge_index (2, E), edge weights (E, 1)), N <= max_nodes."""
+    """img: uint8 (C, H, W) -> numpy (node features (N, C + 2), edge_index (2, E), edge weights (E, 1)), N <= max_nodes.
+    (numpy, not torch: worker processes hand tensors back through file descriptors and run out of them.)"""
     from skimage.segmentation import slic
     c, h, w = img.shape
     im = img.astype(np.float32) / 255.0
@@ -41,8 +42,8 @@ def superpixel_graph(img, max_nodes=75, k=8):
     d_pos = ((pos[:, None] - pos[None]) ** 2).sum(-1)
     kk = min(k, n - 1)
     if kk <= 0:  # a single superpixel: no edges
-        return (torch.tensor(np.concatenate([feat, pos], 1), dtype=torch.float32),
-                torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 1))
+        return (np.concatenate([feat, pos], 1).astype(np.float32), np.zeros((2, 0), np.int64),
+                np.zeros((0, 1), np.float32))
     nbrs = np.argsort(d_pos + np.eye(n) * 1e9, axis=1)[:, :kk]
     src = np.repeat(np.arange(n), kk)
     dst = nbrs.ravel()
@@ -52,8 +53,8 @@ def superpixel_graph(img, max_nodes=75, k=8):
     d_feat = ((feat[i] - feat[j]) ** 2).sum(-1)
     sigma_f = np.sqrt(d_feat.mean()) + 1e-8
     weight = np.exp(-d_pos[i, j] / sigma_p ** 2 - d_feat / sigma_f ** 2)
-    return (torch.tensor(np.concatenate([feat, pos], 1), dtype=torch.float32),
-            torch.tensor(pairs.T.copy(), dtype=torch.long), torch.tensor(weight[:, None], dtype=torch.float32))
+    return (np.concatenate([feat, pos], 1).astype(np.float32), pairs.T.astype(np.int64),
+            weight[:, None].astype(np.float32))
 
 
 def grid_graph(img):
@@ -68,7 +69,7 @@ def grid_graph(img):
         b = idx[max(0, dy):h - max(0, -dy) or None, max(0, dx):w - max(0, -dx) or None]
         edges.append(np.stack([a.ravel(), b.ravel()]))
     e = np.concatenate(edges, 1)
-    return torch.tensor(feat, dtype=torch.float32), torch.tensor(e), torch.ones(e.shape[1], 1)
+    return feat.astype(np.float32), e.astype(np.int64), np.ones((e.shape[1], 1), np.float32)
 
 
 def _build_one(img, kind, n_segments):
@@ -76,7 +77,7 @@ def _build_one(img, kind, n_segments):
 
 
 def build_graphs(x, kind="superpixel", n_segments=75, workers=None, desc="graphs"):
-    """uint8 images (N, C, H, W) -> list of (x, edge_index, edge_attr), built in parallel."""
+    """uint8 images (N, C, H, W) -> list of numpy (x, edge_index, edge_attr), built in parallel."""
     imgs = list(x.numpy())
     workers = workers or os.cpu_count() or 1
     fn = partial(_build_one, kind=kind, n_segments=n_segments)
@@ -100,9 +101,11 @@ def load_graphs(dataset, split, kind="superpixel", data_dir=None, limit=None, ca
         if limit is not None:
             x, y = x[:limit], y[:limit]
         graphs = build_graphs(x, kind, n_seg, desc=f"{dataset} {split} {kind} graphs")
-        store = {"x": torch.cat([g[0] for g in graphs]), "edge_index": torch.cat([g[1] for g in graphs], 1),
-                 "edge_attr": torch.cat([g[2] for g in graphs]), "nodes": torch.tensor([len(g[0]) for g in graphs]),
-                 "edges": torch.tensor([g[1].shape[1] for g in graphs]), "y": y}
+        store = {"x": torch.from_numpy(np.concatenate([g[0] for g in graphs])),
+                 "edge_index": torch.from_numpy(np.concatenate([g[1] for g in graphs], 1)),
+                 "edge_attr": torch.from_numpy(np.concatenate([g[2] for g in graphs])),
+                 "nodes": torch.tensor([len(g[0]) for g in graphs]), "edges": torch.tensor([g[1].shape[1] for g in graphs]),
+                 "y": y}
         if cache and not synthetic and limit is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(store, path)

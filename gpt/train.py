@@ -76,8 +76,10 @@ def lr_at(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-def matmul_peak_flops(device, n=1024, seconds=0.3):
-    """Measured peak: FLOP/s of a square GEMM in the training dtype, used as the MFU denominator."""
+def matmul_peak_flops(device, seconds=0.3):
+    """Measured peak: FLOP/s of a square GEMM in the training dtype (1024 on CPUs, 8192 on GPUs, where small
+    GEMMs are far from the peak), used as the MFU denominator."""
+    n = 8192 if device.type == "cuda" else 1024
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
