@@ -22,21 +22,38 @@ test: install data
 	$(PY) -m pytest -q
 
 demo: install data
-	@echo "== gpt: char-level GPT on Shakespeare (quick preset)"
+	@echo "== gpt: char-level GPT on Shakespeare"
 	$(PY) gpt/train.py --preset quick --out-dir $(OUT)/gpt
 	$(PY) gpt/sample.py --out-dir $(OUT)/gpt --num-samples 3
-	@echo "== vit: Vision Transformer on Fashion-MNIST (quick preset)"
+	@echo "== vit: Vision Transformer on Fashion-MNIST"
 	$(PY) vit/train.py --preset quick --out-dir $(OUT)/vit
 	$(PY) vit/sample.py --out-dir $(OUT)/vit
-	@echo "== ppo: PPO on CartPole-v1 (quick preset)"
+	@echo "== ppo: PPO on CartPole-v1"
 	$(PY) ppo/train.py --preset quick --out-dir $(OUT)/ppo
 	$(PY) ppo/sample.py --out-dir $(OUT)/ppo
+	@echo "== nf: Real NVP on Fashion-MNIST"
+	$(PY) nf/train.py --preset quick --out-dir $(OUT)/nf
+	$(PY) nf/sample.py --out-dir $(OUT)/nf
+	@echo "== ddpm: DDPM on Fashion-MNIST"
+	$(PY) ddpm/train.py --preset quick --out-dir $(OUT)/ddpm
+	$(PY) ddpm/sample.py --out-dir $(OUT)/ddpm --sampler ddim --steps 50
+	@echo "== gnns: GCN vs GAT vs MPNN on Fashion-MNIST superpixel graphs"
+	$(PY) gnns/sample.py --preset quick --out-dir $(OUT)/gnns
 	@echo
-	@echo "Outputs:"
-	@echo "  $(OUT)/gpt/generated.txt                  samples of the GPT"
-	@echo "  $(OUT)/vit/summary.json, confusion.png, attention.png"
-	@echo "  $(OUT)/ppo/summary.json, episode.gif"
-	@grep -h '"\(test_acc\|val_loss\|eval_return_mean\)"' $(OUT)/*/summary.json || true
+	@echo "Outputs under $(OUT)/:"
+	@echo "  gpt/generated.txt                                   samples of the GPT"
+	@echo "  vit/confusion.png, predictions.png, attention.png   ViT evaluation"
+	@echo "  ppo/episode.gif, eval.json                          the trained CartPole policy"
+	@echo "  nf/samples_ranked.png, interpolation.png            Real NVP samples ranked by likelihood"
+	@echo "  ddpm/samples_ddim50.png, reverse_ddim50.gif         DDPM samples and the reverse process"
+	@echo "  gnns/compare.md, curves.png                         the three GNN flavours side by side"
+	@$(PY) -c "import json,glob; [print(f'  {p}: ' + ', '.join(f'{k}={v:.4g}' for k, v in json.load(open(p)).items() if k in ('val_loss','test_acc','eval_return_mean','test_bpd','final_loss'))) for p in sorted(glob.glob('$(OUT)/*/summary.json'))]"
+
+bench: install
+	$(PIP) install -r requirements-bench.txt
+	$(PY) gpt/bench.py
+	$(PY) vit/bench.py
+	$(PY) ppo/bench.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -93,8 +93,8 @@ def load_graphs(dataset, split, kind="superpixel", data_dir=None, limit=None, ca
     _, size, _ = D.dataset_info(dataset)
     n_seg = 75 if size == 28 else 150
     synthetic = dataset.startswith("synthetic")
-    path = D.REPO / "data" / f"graphs_{dataset}_{kind}_{split}.pt"
-    if cache and not synthetic and limit is None and path.exists():
+    path = D.REPO / "data" / f"graphs_{dataset}_{kind}_{split}{'' if limit is None else f'_first{limit}'}.pt"
+    if cache and not synthetic and path.exists():
         store = torch.load(path, weights_only=True)
     else:
         x, y = D.load_images(dataset, split, data_dir)
@@ -106,7 +106,7 @@ def load_graphs(dataset, split, kind="superpixel", data_dir=None, limit=None, ca
                  "edge_attr": torch.from_numpy(np.concatenate([g[2] for g in graphs])),
                  "nodes": torch.tensor([len(g[0]) for g in graphs]), "edges": torch.tensor([g[1].shape[1] for g in graphs]),
                  "y": y}
-        if cache and not synthetic and limit is None:
+        if cache and not synthetic:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(store, path)
     xs = store["x"].split(store["nodes"].tolist())

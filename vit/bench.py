@@ -26,6 +26,8 @@ class Config:
     heads: int = 4
     mlp_dim: int = 256
     device: str = "auto"
+    cpu_bf16: bool = False
+    """both models under bf16 autocast on the CPU too"""
 
 
 def throughput(model, cfg, device):
@@ -34,7 +36,7 @@ def throughput(model, cfg, device):
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
 
     def step():
-        with R.autocast(device):
+        with R.autocast(device, cfg.cpu_bf16):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -60,15 +60,15 @@ class Attention(nn.Module):
     def __init__(self, dim, heads, dropout=0.0):
         super().__init__()
         self.heads, self.scale, self.dropout = heads, (dim // heads) ** -0.5, dropout
-        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x, need_weights=False):
         B, N, D = x.shape
         qkv = self.to_qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, N, D_h)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # unbind, not indexing: its backward is one stack, not three zero-filled copies
         p = self.dropout if self.training else 0.0
-        if need_weights:
+        if need_weights or not x.is_cuda:  # on CPUs the written-out path is the faster one at these lengths
             att = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # A = softmax(q k^T / sqrt(D_h)): (B, h, N, N)
             out = F.dropout(att, p, self.training) @ v
         else:  # the same computation through the fused kernel
@@ -135,7 +135,8 @@ class ViT(nn.Module):
     def _init(m):
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, x, need_weights=False):
         """x: (B, C, H, W) normalised images -> logits (B, classes) [, attention maps per layer (B, h, N, N)]."""
