@@ -19,17 +19,11 @@ from utils import run as R
 
 
 @dataclass
-class Config:
+class Config(R.ImageRunConfig):
     out_dir: str = "out/ddpm"
     """ckpt.pt (model, EMA, optimizer), metrics.jsonl, summary.json, samples_step*.png"""
     preset: str = "default"
     """quick | default | paper; flags given explicitly override it"""
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    wandb: bool = False
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2

@@ -18,7 +18,7 @@ from utils import run as R
 
 
 @dataclass
-class Config:
+class Config(R.ImageRunConfig):
     out_dir: str = "out/gnns"
     preset: str = "default"
     """quick | default | paper"""
@@ -26,12 +26,6 @@ class Config:
     """conv | attn | mpnn"""
     graph: str = "superpixel"
     """superpixel | grid"""
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    wandb: bool = False
     hidden: int | None = None
     """None: the ~100k-parameter budget size of the chosen layer"""
     num_layers: int = 4

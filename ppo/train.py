@@ -18,7 +18,7 @@ from utils import run as R
 
 
 @dataclass
-class Config:
+class Config(R.RunConfig):
     out_dir: str = "out/ppo"
     """ckpt.pt (last), best.pt (best running training return), metrics.jsonl, summary.json"""
     preset: str = "default"
@@ -28,8 +28,6 @@ class Config:
     device: str = "cpu"
     """small MLPs run fastest on the CPU"""
     seed: int = 1
-    resume: bool = False
-    wandb: bool = False
     total_timesteps: int = 100_000
     num_envs: int = 8
     num_steps: int = 32

@@ -135,3 +135,25 @@ def test_ddp_two_processes_match_one(tmp_path, text_file):
     s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
     assert s2["world_size"] == 2 and s2["iters"] == 60
     assert abs(s1["val_loss"] - s2["val_loss"]) < 0.15
+
+
+def test_ctrl_c_saves_and_resume_continues(tmp_path, text_file):
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = [sys.executable, "gpt/train.py", "--out-dir", str(out), "--text", str(text_file), "--device", "cpu",
+            "--max-iters", "100000", "--log-interval", "5", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()
+                                                                if k != "log_interval"]]
+    p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and "loss" in (out / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step > 0
+    s = train.main(train.Config(out_dir=str(out), text=str(text_file), max_iters=step + 5, resume=True, device="cpu",
+                                **TINY))
+    assert s["iters"] == step + 5

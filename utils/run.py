@@ -12,6 +12,30 @@ import numpy as np
 import torch
 
 
+@dataclasses.dataclass
+class RunConfig:
+    """The flags every train.py takes; each package's Config adds its own (and its own out_dir and presets)."""
+    out_dir: str = "out"
+    """checkpoint, metrics.jsonl, summary.json and figures go here"""
+    preset: str = "default"
+    """a named size and schedule (the package's PRESETS); flags given explicitly override it"""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"""
+    seed: int = 0
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    wandb: bool = False
+    """also log to Weights & Biases (imported lazily; WANDB_MODE=offline works)"""
+
+
+@dataclasses.dataclass
+class ImageRunConfig(RunConfig):
+    dataset: str = "fashion-mnist"
+    """fashion-mnist | mnist | cifar10 | synthetic[-mnist|-cifar10]"""
+    data_dir: str | None = None
+    """looked at first; then $PAPERS_DATA_DIR, data/, Debian's dataset-fashion-mnist, a download"""
+
+
 def die(msg, code=2):
     """Bad input ends here: one line on stderr and exit code 2, never a traceback."""
     print(f"error: {msg}", file=sys.stderr)

@@ -114,7 +114,7 @@ def main(cfg: Config) -> dict:
         return {"predictions": classify(model, cfg.images, classes, device)}
     xte, yte = D.load_images(ckpt["dataset"], "test", cfg.data_dir)
     t0 = time.perf_counter()
-    acc, preds = evaluate(model, xte, yte, device)
+    acc, preds = evaluate(model, xte, yte, device, cpu_bf16=bool(ckpt["config"].get("cpu_bf16")))  # as in training
     dt = time.perf_counter() - t0
     per_class = {c: (preds[yte == i] == i).float().mean().item() for i, c in enumerate(classes)}
     confusion_figure(yte, preds, classes, out / "confusion.png")

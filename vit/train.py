@@ -19,18 +19,11 @@ from vit.model import ViT, ViTConfig, param_count
 
 
 @dataclass
-class Config:
+class Config(R.ImageRunConfig):
     out_dir: str = "out/vit"
     """ckpt.pt (last), best.pt (best test accuracy), metrics.jsonl, summary.json"""
     preset: str = "default"
     """quick | default | paper; flags given explicitly override it"""
-    dataset: str = "fashion-mnist"
-    """fashion-mnist | mnist | cifar10 | synthetic[-name]"""
-    data_dir: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    wandb: bool = False
     patch_size: int = 4
     dim: int = 128
     depth: int = 6
