@@ -128,8 +128,8 @@ def fetch(name):
     base = base_name(name)
     if base == "fashion-mnist" and not DEBIAN_DIR.exists() and shutil.which("apt-get") and os.geteuid() == 0:
         print("installing Debian package dataset-fashion-mnist ...")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=False,
-                       stdout=subprocess.DEVNULL)
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"]):
+            subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for split in ("train", "test"):
         x, y = load_images(name, split)
         print(f"{name} {split}: {tuple(x.shape)} images, {int(y.max()) + 1} classes")
