@@ -4,10 +4,11 @@ Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv 1707.0634
 "High-Dimensional Continuous Control Using Generalized Advantage Estimation" (arXiv 1506.02438). Equation numbers
 refer to the PPO paper.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributions import Categorical, Normal
 
 
 def layer_init(layer, std=np.sqrt(2), bias=0.0):
@@ -71,21 +72,29 @@ class ActorCritic(nn.Module):
         x = self._features(obs)
         return (self.critic_head(self.trunk(x)) if self.shared else self.critic(x)).squeeze(-1)
 
-    def dist(self, obs):
+    def policy_params(self, obs):
+        """Categorical logits, or the Gaussian mean (the log-std is a free parameter)."""
         x = self._features(obs)
-        out = self.actor_head(self.trunk(x)) if self.shared else self.actor(x)
-        if self.continuous:
-            return Normal(out, self.log_std.exp().expand_as(out))
-        return Categorical(logits=out)
+        return self.actor_head(self.trunk(x)) if self.shared else self.actor(x)
 
     def act(self, obs, action=None, deterministic=False):
-        """Returns (action, log pi(a|s), entropy, V(s)). Gaussian log-probs are of the unclipped sample."""
-        d = self.dist(obs)
-        if action is None:
-            action = (d.mean if self.continuous else d.probs.argmax(-1)) if deterministic else d.sample()
-        logp, ent = d.log_prob(action), d.entropy()
-        if self.continuous:  # independent dimensions: sum over the action vector
-            logp, ent = logp.sum(-1), ent.sum(-1)
+        """Returns (action, log pi(a|s), entropy, V(s)), written out rather than through torch.distributions
+        (whose object overhead dominates at these sizes; the tests compare the two).
+        Gaussian log-probs are of the unclipped sample."""
+        out = self.policy_params(obs)
+        if self.continuous:
+            mean, log_std = out, self.log_std.expand_as(out)
+            if action is None:
+                action = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+            z = (action - mean) / log_std.exp()
+            logp = (-0.5 * z ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)  # independent dimensions
+            ent = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+        else:
+            log_p = out.log_softmax(-1)
+            if action is None:
+                action = log_p.argmax(-1) if deterministic else torch.multinomial(log_p.exp(), 1).squeeze(-1)
+            logp = log_p.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+            ent = -(log_p.exp() * log_p).sum(-1)
         return action, logp, ent, self.value(obs)
 
 

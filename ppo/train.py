@@ -131,7 +131,7 @@ def main(cfg: Config) -> dict:
     envs = gym.vector.SyncVectorEnv([lambda: make_env(cfg.env) for _ in range(cfg.num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     agent = ActorCritic(obs_dim, act_dim, continuous, cfg.hidden, cfg.shared, cfg.normalize_obs).to(device)
-    opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+    opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     ret_norm, ret_acc = RunningNorm(()), np.zeros(cfg.num_envs)  # reward scaling by the discounted return's std
     T, N = cfg.num_steps, cfg.num_envs
     batch = T * N
@@ -155,9 +155,10 @@ def main(cfg: Config) -> dict:
                            "config": asdict(cfg), "update": update, "step": global_step, "optimizer": opt.state_dict(),
                            "reward_norm": ret_norm.state_dict(), "best_return": best}, path)
 
-    buf = {k: torch.zeros((T, N) + s) for k, s in [("obs", (obs_dim,)), ("next_obs", (obs_dim,)), ("logp", ()),
-           ("values", ()), ("rewards", ()), ("term", ()), ("trunc", ()),
-           ("actions", (act_dim,) if continuous else ())]}
+    buf = {k: np.zeros((T, N) + s, np.float32) for k, s in [("obs", (obs_dim,)), ("next_obs", (obs_dim,)),
+           ("logp", ()), ("values", ()), ("rewards", ()), ("term", ()), ("trunc", ()),
+           ("actions", (act_dim,) if continuous else ())]}  # filled as numpy, turned into tensors once per rollout
+    params = list(agent.parameters())
     obs, _ = envs.reset(seed=cfg.seed + 1000 * update)
     envs.action_space.seed(cfg.seed)
     recent, t_start = [], time.time()
@@ -192,26 +193,26 @@ def main(cfg: Config) -> dict:
                     ret_norm.update(ret_acc)
                     ret_acc[term | trunc] = 0.0
                     r = r / np.sqrt(ret_norm.var.item() + 1e-8)
-                for k, v in (("obs", obs_t), ("actions", action), ("logp", logp), ("values", value),
-                             ("rewards", r), ("term", term), ("trunc", trunc), ("next_obs", real_next)):
-                    buf[k][t] = torch.as_tensor(v, dtype=torch.float32)
+                for k, v in (("obs", obs), ("actions", a), ("logp", logp), ("values", value), ("rewards", r),
+                             ("term", term), ("trunc", trunc), ("next_obs", real_next)):
+                    buf[k][t] = v
                 obs = next_obs
             global_step += batch
+            roll = {k: torch.from_numpy(v) for k, v in buf.items()}
             with torch.no_grad():
-                next_values = agent.value(buf["next_obs"].view(T * N, -1)).view(T, N)
-                advantages, returns = compute_gae(buf["rewards"], buf["values"], next_values, buf["term"],
-                                                  buf["trunc"], cfg.gamma, cfg.gae_lambda)
+                next_values = agent.value(roll["next_obs"].view(T * N, -1)).view(T, N)
+                advantages, returns = compute_gae(roll["rewards"], roll["values"], next_values, roll["term"],
+                                                  roll["trunc"], cfg.gamma, cfg.gae_lambda)
             # ---- optimise the surrogate for K epochs over minibatches
             agent.train()
-            b = {k: v.reshape((T * N,) + v.shape[2:]) for k, v in buf.items()}
+            b = {k: v.reshape((T * N,) + v.shape[2:]) for k, v in roll.items()}
             b_adv, b_ret = advantages.reshape(-1), returns.reshape(-1)
             stats = []
             for epoch in range(cfg.update_epochs):
                 perm = torch.randperm(batch)
                 for start in range(0, batch, cfg.minibatch_size):
                     mb = perm[start:start + cfg.minibatch_size]
-                    _, new_logp, ent, new_v = agent.act(b["obs"][mb], b["actions"][mb].long() if not continuous
-                                                        else b["actions"][mb])
+                    _, new_logp, ent, new_v = agent.act(b["obs"][mb], b["actions"][mb])
                     adv = b_adv[mb]
                     if cfg.norm_adv and len(mb) > 1:
                         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -219,13 +220,13 @@ def main(cfg: Config) -> dict:
                                  cfg.vf_clip, cfg.vf_coef, cfg.ent_coef)
                     opt.zero_grad(set_to_none=True)
                     L["loss"].backward()
-                    torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
-                    stats.append({k: v.item() for k, v in L.items()})
-                if cfg.target_kl is not None and stats[-1]["approx_kl"] > cfg.target_kl:
+                    stats.append(torch.stack([v.detach() for v in L.values()]))
+                if cfg.target_kl is not None and L["approx_kl"].item() > cfg.target_kl:
                     break
             update += 1
-            mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+            mean = dict(zip(L.keys(), torch.stack(stats).mean(0).tolist()))
             sps = global_step / (time.time() - t_start)
             mean_ret = float(np.mean(recent[-20:])) if recent else float("nan")
             log.log({"step": global_step, "update": update, "lr": lr, "clip_coef": clip, "steps_per_s": sps,

@@ -178,8 +178,7 @@ class Logger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            self.path.write_text("")
+        self.file = open(self.path, "a" if resume else "w", buffering=1)  # line-buffered: readable while running
         if use_wandb:
             try:
                 import wandb
@@ -191,14 +190,15 @@ class Logger:
         if not self.enabled:
             return
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=step)
         if echo:
             print(echo)
 
     def close(self):
+        if self.enabled:
+            self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
 
