@@ -80,7 +80,7 @@ PRESETS = {
 
 def make_env(env_id, render_mode=None):
     try:
-        return gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode=render_mode))
+        return gym.make(env_id, render_mode=render_mode, disable_env_checker=True)
     except gym.error.Error as e:
         R.die(f"cannot make env '{env_id}': {e}")
     except ImportError as e:
@@ -162,6 +162,7 @@ def main(cfg: Config) -> dict:
     obs, _ = envs.reset(seed=cfg.seed + 1000 * update)
     envs.action_space.seed(cfg.seed)
     recent, t_start = [], time.time()
+    ep_ret, ep_len = np.zeros(N), np.zeros(N, dtype=np.int64)  # running episode return (unnormalised) and length
     print(f"PPO on {cfg.env}: {num_updates} updates of {N} envs x {T} steps, {cfg.update_epochs} epochs, "
           f"minibatch {cfg.minibatch_size}")
     try:
@@ -175,19 +176,18 @@ def main(cfg: Config) -> dict:
                 if cfg.normalize_obs:
                     agent.obs_norm.update(obs)
                 obs_t = torch.as_tensor(obs, dtype=torch.float32)
-                with torch.no_grad():
+                with torch.inference_mode():
                     action, logp, _, value = agent.act(obs_t)
                 a = action.numpy()
                 next_obs, r, term, trunc, info = envs.step(np.clip(a, low, high) if continuous else a)
                 real_next = next_obs.copy()  # with SAME_STEP autoreset a finished env already shows its reset obs
-                if "_final_obs" in info:
-                    for i in np.flatnonzero(info["_final_obs"]):
-                        real_next[i] = info["final_obs"][i]
-                    ep = info["final_info"]["episode"]
-                    for i in np.flatnonzero(info["final_info"]["_episode"]):
-                        recent.append(float(ep["r"][i]))
-                        log.log({"step": global_step + (t + 1) * N, "episodic_return": float(ep["r"][i]),
-                                 "episodic_length": int(ep["l"][i])})
+                ep_ret, ep_len = ep_ret + r, ep_len + 1
+                for i in np.flatnonzero(term | trunc):
+                    real_next[i] = info["final_obs"][i]
+                    recent.append(float(ep_ret[i]))
+                    log.log({"step": global_step + (t + 1) * N, "episodic_return": float(ep_ret[i]),
+                             "episodic_length": int(ep_len[i])})
+                    ep_ret[i], ep_len[i] = 0.0, 0
                 if cfg.normalize_reward:
                     ret_acc = ret_acc * cfg.gamma + r
                     ret_norm.update(ret_acc)

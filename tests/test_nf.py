@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from nf import sample, train
+from nf import train
 from nf.model import (ActNorm, AffineCoupling, BatchNormFlow, FlowConfig, Logit, RealNVP, Squeeze)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

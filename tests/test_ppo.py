@@ -133,7 +133,7 @@ def test_bad_input_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_cartpole_learns_within_30k_steps(tmp_path):
-    s = train.main(train.Config(out_dir=str(tmp_path), total_timesteps=30_000, eval_episodes=5, seed=1))
+    train.main(train.Config(out_dir=str(tmp_path), total_timesteps=30_000, eval_episodes=5, seed=1))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     best = max(r["mean_return_20"] for r in rows if "mean_return_20" in r and r["mean_return_20"] == r["mean_return_20"])
     assert best > 150, best

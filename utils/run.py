@@ -5,7 +5,6 @@ import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +172,6 @@ class Logger:
     def __init__(self, out_dir, config, project, use_wandb=False, resume=False, enabled=True):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.t0 = time.time()
         self.wandb = None
         if not enabled:
             return
@@ -238,14 +236,3 @@ def ddp_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def all_reduce_mean(x):
-    """Average a float or tensor over ranks (identity when not distributed)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.as_tensor(x, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return t.item() if t.ndim == 0 else t
