@@ -92,7 +92,10 @@ class ActorCritic(nn.Module):
         else:
             log_p = out.log_softmax(-1)
             if action is None:
-                action = log_p.argmax(-1) if deterministic else torch.multinomial(log_p.exp(), 1).squeeze(-1)
+                # inverse-CDF sampling: the first action whose cumulative probability exceeds u ~ U[0, 1)
+                u = torch.rand(log_p.shape[:-1] + (1,), device=log_p.device)
+                action = log_p.argmax(-1) if deterministic else (log_p.exp().cumsum(-1) <= u).sum(-1).clamp(
+                    max=log_p.shape[-1] - 1)
             logp = log_p.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
             ent = -(log_p.exp() * log_p).sum(-1)
         return action, logp, ent, self.value(obs)

@@ -137,3 +137,18 @@ def test_cartpole_learns_within_30k_steps(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     best = max(r["mean_return_20"] for r in rows if "mean_return_20" in r and r["mean_return_20"] == r["mean_return_20"])
     assert best > 150, best
+
+
+def test_categorical_sampling_logprob_entropy_match_torch_distributions():
+    from torch.distributions import Categorical
+    torch.manual_seed(0)
+    agent = ActorCritic(3, 4, continuous=False)
+    with torch.no_grad():
+        agent.actor[-1].weight.normal_(0, 1.0)
+    obs = torch.randn(1, 3).expand(20000, 3)
+    a, logp, ent, _ = agent.act(obs)
+    ref = Categorical(logits=agent.actor(obs[:1]))
+    freq = torch.bincount(a, minlength=4).float() / len(a)
+    assert torch.allclose(freq, ref.probs[0], atol=0.015)
+    assert torch.allclose(logp[:8], ref.log_prob(a[:8]), atol=1e-6)
+    assert torch.allclose(ent[0], ref.entropy()[0], atol=1e-6)
