@@ -144,8 +144,10 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, text_file):
     args = [sys.executable, "gpt/train.py", "--out-dir", str(out), "--text", str(text_file), "--device", "cpu",
             "--max-iters", "100000", "--log-interval", "5", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()
                                                                 if k != "log_interval"]]
+    # a shell running us in the background may have set SIGINT to "ignore", which children inherit: undo that
     p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and "loss" in (out / "metrics.jsonl").read_text()):
         time.sleep(0.2)
