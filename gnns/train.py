@@ -44,7 +44,7 @@ class Config(R.ImageRunConfig):
 
 
 PRESETS = {
-    "quick": dict(epochs=2, train_limit=10_000, test_limit=2_000),
+    "quick": dict(epochs=2, train_limit=3_000, test_limit=1_000),  # a look at the pipeline (~2 min on 2 cores)
     "default": {},
     "paper": dict(epochs=100, patience=5),  # Benchmarking GNNs trains until the lr falls below 1e-5
 }

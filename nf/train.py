@@ -47,7 +47,8 @@ class Config(R.ImageRunConfig):
 
 
 PRESETS = {
-    "quick": dict(hidden=32, num_blocks=1, steps=800, batch_size=64, eval_interval=400, eval_batches=10),
+    "quick": dict(hidden=32, num_blocks=1, final_couplings=2, steps=500, batch_size=64, eval_interval=250,
+                  eval_batches=4),
     "default": {},
     "seed": dict(single_scale=30, hidden=32, num_blocks=1, norm="none", steps=6000),
     "paper": dict(hidden=64, num_blocks=8, steps=100_000, batch_size=64, dequant="variational"),

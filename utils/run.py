@@ -107,6 +107,11 @@ def cpu_has_fast_bf16():
         return False
 
 
+def resolve_cpu_bf16(flag):
+    """A `--cpu-bf16` flag left at None means: on when the CPU has AMX."""
+    return cpu_has_fast_bf16() if flag is None else flag
+
+
 def autocast(device, cpu_bf16=False):
     """bf16 autocast on CUDA; on the CPU only when asked (fast with AMX / AVX512-BF16, slow on most laptops)."""
     if device.type == "cpu":

@@ -93,8 +93,7 @@ def main(cfg: Config) -> dict:
     rank, world, device = R.ddp_setup(cfg.device)
     master = rank == 0
     R.seed_everything(cfg.seed + rank)
-    if cfg.cpu_bf16 is None:
-        cfg = replace(cfg, cpu_bf16=R.cpu_has_fast_bf16())
+    cfg = replace(cfg, cpu_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16))
     c, size, classes = D.dataset_info(cfg.dataset)
     R.check(size % cfg.patch_size == 0, f"--patch-size {cfg.patch_size} does not divide the image size {size}")
     xtr, ytr = D.load_images(cfg.dataset, "train", cfg.data_dir)
