@@ -186,7 +186,7 @@ def main(cfg: Config) -> dict:
                     real_next[i] = info["final_obs"][i]
                     recent.append(float(ep_ret[i]))
                     log.log({"step": global_step + (t + 1) * N, "episodic_return": float(ep_ret[i]),
-                             "episodic_length": int(ep_len[i])})
+                             "episodic_length": int(ep_len[i])}, step=global_step + (t + 1) * N)
                     ep_ret[i], ep_len[i] = 0.0, 0
                 if cfg.normalize_reward:
                     ret_acc = ret_acc * cfg.gamma + r
