@@ -142,7 +142,8 @@ def main(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if master and (step % cfg.sample_interval == 0 or step == cfg.steps):
                 save_samples(ema.model, out / f"samples_step{step}.png", 64, (c, size, size), device)
-                checkpoint()
+                if step < cfg.steps:  # the last one is written once, after the loop
+                    checkpoint()
     except KeyboardInterrupt:
         if master:
             print(f"interrupted at step {step}: saving {out / 'ckpt.pt'} (continue with --resume)")

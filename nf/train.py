@@ -144,7 +144,8 @@ def main(cfg: Config) -> dict:
                 model.eval()
                 P.save_grid(model.sample(64, 0.7)[0], out / f"samples_step{step}.png", nrow=8)
                 model.train()
-                checkpoint()
+                if step < cfg.steps:  # the last one is written once, after the loop
+                    checkpoint()
     except KeyboardInterrupt:
         print(f"interrupted at step {step}: saving {out / 'ckpt.pt'} (continue with --resume)")
     bar.close()
