@@ -8,6 +8,7 @@ Connected: Graph Neural Networks", arXiv 2301.08210, Section 4):
 edge_index is (2, E) with edge_index[0] = source j and edge_index[1] = target i, as in PyG. Aggregation is done
 with index_add / scatter_reduce: no dense N x N adjacency.
 """
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,23 +53,67 @@ def aggregate(messages, index, num_nodes, how="sum"):
     return out
 
 
+def csr_rows(dst, src, n):
+    """Sort edges into row-major order of the (N, N) matrix with entry (dst, src): returns (order, crow, col), the
+    permutation of the edges and the CSR row pointers and column indices. Row i lists i's neighbours j."""
+    order = torch.argsort(dst * n + src)
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=dst.device)
+    crow[1:] = torch.bincount(dst, minlength=n).cumsum(0)
+    return order, crow, src[order]
+
+
+def sparse_matrix(crow, col, values, n):
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are long stable
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, (n, n))
+
+
+class NeighbourSum(torch.autograd.Function):
+    """out[i, k] = sum_{j in N(i)} alpha_ijk h[j, k] for every head k, as sparse products instead of an (E, H, C)
+    gather-multiply-scatter. Edges must be in row-major order (sorted by target, then source).
+    Backward: dL/dh[:, k] = A_k^T dL/dout[:, k] and dL/dalpha_ijk = <dL/dout[i, k], h[j, k]> on the edges only
+    (a sampled dense-dense product)."""
+
+    @staticmethod
+    def forward(ctx, alpha, h, crow, col, t_order, t_crow, t_col):
+        n, H = h.shape[0], h.shape[1]
+        ctx.save_for_backward(alpha, h, crow, col, t_order, t_crow, t_col)
+        return torch.stack([sparse_matrix(crow, col, alpha[:, k], n) @ h[:, k] for k in range(H)], dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        alpha, h, crow, col, t_order, t_crow, t_col = ctx.saved_tensors
+        n, H = h.shape[0], h.shape[1]
+        g = g.contiguous()
+        grad_h = torch.stack([sparse_matrix(t_crow, t_col, alpha[t_order, k], n) @ g[:, k] for k in range(H)], dim=1)
+        pattern = sparse_matrix(crow, col, torch.zeros_like(alpha[:, 0]), n)
+        grad_alpha = torch.stack([torch.sparse.sampled_addmm(pattern, g[:, k], h[:, k].T, beta=0.0).values()
+                                  for k in range(H)], dim=1)
+        return grad_alpha, grad_h, None, None, None, None, None
+
+
 class ConvLayer(nn.Module):
     """GCN, Kipf & Welling Eq. (2): H' = D^-1/2 (A + I) D^-1/2 H W + b, i.e. c_ij = 1 / sqrt(d_i d_j) fixed by the
-    graph structure (d counts the self-loop)."""
+    graph structure (d counts the self-loop). The coefficients do not depend on the features, so the sum over each
+    neighbourhood is one sparse-matrix product, and the matrix is built once per batch for all layers (`prepare`)."""
 
     def __init__(self, d_in, d_out):
         super().__init__()
         self.lin = nn.Linear(d_in, d_out, bias=False)
         self.bias = nn.Parameter(torch.zeros(d_out))
 
-    def forward(self, x, edge_index, edge_attr=None):
-        n = x.shape[0]
-        edge_index, _ = add_self_loops(edge_index, n)
-        src, dst = edge_index
-        deg = torch.zeros(n, device=x.device, dtype=x.dtype).index_add_(0, dst, torch.ones_like(dst, dtype=x.dtype))
+    @staticmethod
+    def prepare(edge_index, edge_attr, n):
+        """A_hat = D^-1/2 (A + I) D^-1/2 as a sparse (N, N) matrix with c_ij in row i, column j."""
+        src, dst = add_self_loops(edge_index, n)[0]
+        deg = torch.bincount(dst, minlength=n).float()
         c = deg.rsqrt()[src] * deg.rsqrt()[dst]  # c_ij
-        h = self.lin(x)
-        return aggregate(c[:, None] * h[src], dst, n) + self.bias
+        order, crow, col = csr_rows(dst, src, n)
+        return sparse_matrix(crow, col, c[order], n)
+
+    def forward(self, x, edge_index, edge_attr=None, graph=None):
+        a_hat = self.prepare(edge_index, edge_attr, x.shape[0]) if graph is None else graph
+        return a_hat @ self.lin(x) + self.bias  # h_i' = sum_j c_ij W h_j + b
 
 
 class AttnLayer(nn.Module):
@@ -88,17 +133,30 @@ class AttnLayer(nn.Module):
             if p is not None:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, x, edge_index, edge_attr=None, return_attention=False):
+    @staticmethod
+    def prepare(edge_index, edge_attr, n):
+        """Self-loops (their edge feature: the mean of the node's incoming ones), edges in row-major order, and the
+        sparse structure of A and A^T; once per batch for all layers."""
+        edge_index, edge_attr = add_self_loops(edge_index, n, edge_attr)
+        order, crow, col = csr_rows(edge_index[1], edge_index[0], n)
+        edge_index = edge_index[:, order]
+        t_order, t_crow, t_col = csr_rows(edge_index[0], edge_index[1], n)
+        return edge_index, None if edge_attr is None else edge_attr[order], (crow, col, t_order, t_crow, t_col)
+
+    def forward(self, x, edge_index, edge_attr=None, graph=None, return_attention=False):
         n, H, C = x.shape[0], self.heads, self.d_head
-        edge_index, edge_attr = add_self_loops(edge_index, n, edge_attr if self.lin_edge is not None else None)
-        src, dst = edge_index
+        if graph is None:
+            graph = self.prepare(edge_index, edge_attr if self.lin_edge is not None else None, n)
+        (src, dst), edge_attr, sparse = graph
         h = self.lin(x).view(n, H, C)  # W h: (N, H, C)
-        score = (h * self.att_src).sum(-1)[src] + (h * self.att_dst).sum(-1)[dst]  # a^T [W h_j || W h_i]: (E, H)
-        if self.lin_edge is not None:
-            score = score + (self.lin_edge(edge_attr).view(-1, H, C) * self.att_edge).sum(-1)
+        score = ((h * self.att_src).sum(-1).index_select(0, src) +
+                 (h * self.att_dst).sum(-1).index_select(0, dst))  # a^T [W h_i || W h_j], per node then per edge: (E, H)
+        if self.lin_edge is not None:  # a_e^T W_e e_ij = e_ij^T (W_e^T a_e): fold a_e into W_e, no (E, H*C) tensor
+            w_e = (self.lin_edge.weight.view(H, C, -1) * self.att_edge.view(H, C, 1)).sum(1)  # (H, edge_dim)
+            score = score + edge_attr @ w_e.T
         alpha = segment_softmax(F.leaky_relu(score, self.slope), dst, n)  # (E, H), sums to 1 per neighbourhood
         alpha_d = F.dropout(alpha, self.dropout, self.training)
-        out = aggregate((alpha_d[..., None] * h[src]).view(-1, H * C), dst, n).view(n, H, C)
+        out = NeighbourSum.apply(alpha_d, h, *sparse)  # h_i' = sum_j alpha_ij W h_j, per head: (N, H, C)
         out = out.reshape(n, H * C) if self.concat else out.mean(dim=1)
         out = out + self.bias
         return (out, (edge_index, alpha)) if return_attention else out
@@ -113,10 +171,18 @@ class MPNNLayer(nn.Module):
         self.psi = nn.Sequential(nn.Linear(2 * d_in + edge_dim, d_out), nn.ReLU(), nn.Linear(d_out, d_out))
         self.phi = nn.Sequential(nn.Linear(d_in + d_out, d_out), nn.ReLU(), nn.Linear(d_out, d_out))
 
-    def forward(self, x, edge_index, edge_attr=None):
+    @staticmethod
+    def prepare(edge_index, edge_attr, n):
+        return edge_index, edge_attr
+
+    def forward(self, x, edge_index, edge_attr=None, graph=None):
         src, dst = edge_index
-        parts = [x[dst], x[src]] + ([edge_attr] if edge_attr is not None else [])
-        messages = self.psi(torch.cat(parts, dim=1))  # psi(x_i, x_j, e_ij): (E, d_out)
+        # psi's first linear layer on [x_i || x_j || e_ij] = W_i x_i + W_j x_j + W_e e_ij + b: the node terms are
+        # computed once per node and then gathered per edge (the same function, fewer multiplications)
+        lin, d = self.psi[0], x.shape[1]
+        pre = (F.linear(x, lin.weight[:, :d]).index_select(0, dst) + F.linear(x, lin.weight[:, d:2 * d]).index_select(0, src))
+        pre = pre + (F.linear(edge_attr, lin.weight[:, 2 * d:], lin.bias) if edge_attr is not None else lin.bias)
+        messages = self.psi[2](self.psi[1](pre))  # psi(x_i, x_j, e_ij): (E, d_out)
         m = aggregate(messages, dst, x.shape[0], self.aggr)
         return self.phi(torch.cat([x, m], dim=1))
 
@@ -163,8 +229,9 @@ class GNN(nn.Module):
 
     def node_states(self, x, edge_index, edge_attr=None):
         h = self.encoder(x)
+        graph = self.layers[0].prepare(edge_index, edge_attr, x.shape[0])  # the same for every layer: built once
         for layer, norm in zip(self.layers, self.norms):
-            h = h + F.dropout(F.relu(norm(layer(h, edge_index, edge_attr))), self.cfg.dropout, self.training)
+            h = h + F.dropout(F.relu(norm(layer(h, edge_index, edge_attr, graph))), self.cfg.dropout, self.training)
         return h
 
     def forward(self, x, edge_index, edge_attr, batch, num_graphs):

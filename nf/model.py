@@ -76,7 +76,7 @@ class AffineCoupling(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
 
     def _st(self, cond):
-        s, t = self.net(cond).chunk(2, dim=1)
+        s, t = self.net(cond).float().chunk(2, dim=1)  # fp32 from here on, even under bf16 autocast
         return self.scale * torch.tanh(s), t
 
     def forward(self, x, reverse=False):

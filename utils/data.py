@@ -215,7 +215,7 @@ def random_flip(x):
 
 
 def random_crop(x, pad):
-    """Pad by `pad` pixels (zeros) and cut a random H x W window per image."""
+    """Pad by `pad` pixels of zeros (black, for uint8 pixels) and cut a random H x W window per image."""
     B, C, H, W = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy, dx = torch.randint(0, 2 * pad + 1, (2, B, 1), device=x.device)

@@ -139,11 +139,12 @@ def main(cfg: Config) -> dict:
             t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
             batches = D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed, rank, world)
             for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False):
-                x, y = D.to_unit_range(xtr[idx].to(device)), ytr[idx].to(device)
+                x, y = xtr[idx].to(device), ytr[idx].to(device)
                 if flip:
                     x = D.random_flip(x)
-                if cfg.crop_pad:
+                if cfg.crop_pad:  # on the uint8 pixels, so that the padding is black (0) as in torchvision
                     x = D.random_crop(x, cfg.crop_pad)
+                x = D.to_unit_range(x)
                 if cfg.erase_p:
                     x = D.random_erasing(x, cfg.erase_p)
                 lr = lr_at(step, total, warmup, cfg.lr)
