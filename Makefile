@@ -54,6 +54,7 @@ bench: install
 	$(PY) gpt/bench.py
 	$(PY) vit/bench.py
 	$(PY) ppo/bench.py
+	$(PY) gnns/bench.py
 
 clean:
 	rm -rf out .pytest_cache

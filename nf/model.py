@@ -191,7 +191,7 @@ class VariationalDequantizer(nn.Module):
         self.net = ResNet(channels, 2 * channels, hidden, 1)
 
     def forward(self, x01):
-        mu, log_sigma = self.net(x01 * 2 - 1).chunk(2, dim=1)
+        mu, log_sigma = self.net(x01 * 2 - 1).float().chunk(2, dim=1)  # fp32 even under bf16 autocast
         log_sigma = torch.tanh(log_sigma)
         eps = torch.randn_like(x01)
         h = mu + log_sigma.exp() * eps
