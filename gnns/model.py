@@ -5,8 +5,9 @@ Connected: Graph Neural Networks", arXiv 2301.08210, Section 4):
     h_i = phi(x_i, (+)_{j in N_i} a(x_i, x_j) psi(x_j))       attentional     (GAT, Velickovic et al. 2018)
     h_i = phi(x_i, (+)_{j in N_i} psi(x_i, x_j, e_ij))        message-passing (MPNN, Gilmer et al. 2017)
 
-edge_index is (2, E) with edge_index[0] = source j and edge_index[1] = target i, as in PyG. Aggregation is done
-with index_add / scatter_reduce: no dense N x N adjacency.
+edge_index is (2, E) with edge_index[0] = source j and edge_index[1] = target i, as in PyG. No dense N x N adjacency:
+per-edge messages are summed with index_add / scatter_reduce, and sums of per-node vectors weighted by per-edge
+coefficients (c_ij, a_ij) are sparse CSR products built from the edge list.
 """
 import warnings
 from dataclasses import dataclass
