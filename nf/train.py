@@ -33,7 +33,7 @@ class Config(R.ImageRunConfig):
     dequant: str = "uniform"
     """uniform | variational"""
     single_scale: int = 0
-    steps: int = 6000
+    steps: int = 4500
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
