@@ -117,3 +117,15 @@ def test_every_package_imports(pkg):
     assert mods, f"{pkg}/ has no modules"
     for mod in mods:
         importlib.import_module(f"{pkg}.{mod}")
+
+
+def test_random_crop_is_a_shifted_window_with_black_padding():
+    torch.manual_seed(0)
+    x = torch.randint(1, 256, (16, 1, 6, 6), dtype=torch.uint8)  # no zeros inside the images
+    out = data.random_crop(x, 2)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):  # each output is one of the 25 windows of the zero-padded image
+        windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert (out == 0).any()  # some crops show the black border
