@@ -40,14 +40,10 @@ def pyg_layer(cfg: GNNConfig):
     from torch_geometric.nn import GATConv, GCNConv, MessagePassing
     d = cfg.hidden
 
-    def prepare(edge_index, edge_attr, n):  # PyG's layers redo their own preprocessing in every layer
-        return None
-
     class Conv(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = GCNConv(d, d)
-            self.prepare = prepare
 
         def forward(self, x, edge_index, edge_attr=None, graph=None):
             return self.conv(x, edge_index)  # edge weights ignored, as in ours and Benchmarking GNNs
@@ -56,7 +52,6 @@ def pyg_layer(cfg: GNNConfig):
         def __init__(self):
             super().__init__()
             self.conv = GATConv(d, d // cfg.heads, heads=cfg.heads, edge_dim=cfg.edge_dim or None)
-            self.prepare = prepare
 
         def forward(self, x, edge_index, edge_attr=None, graph=None):
             return self.conv(x, edge_index, edge_attr)
@@ -66,7 +61,6 @@ def pyg_layer(cfg: GNNConfig):
             super().__init__(aggr=cfg.aggr)
             self.psi = nn.Sequential(nn.Linear(2 * d + cfg.edge_dim, d), nn.ReLU(), nn.Linear(d, d))
             self.phi = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, d))
-            self.prepare = prepare
 
         def forward(self, x, edge_index, edge_attr=None, graph=None):
             return self.phi(torch.cat([x, self.propagate(edge_index, x=x, edge_attr=edge_attr)], dim=1))
@@ -80,6 +74,7 @@ def pyg_layer(cfg: GNNConfig):
 def pyg_twin(cfg: GNNConfig):
     model = GNN(cfg)
     model.layers = nn.ModuleList(pyg_layer(cfg) for _ in range(cfg.num_layers))
+    model.layers[0].prepare = lambda edge_index, edge_attr, n: None  # PyG's layers redo their preprocessing each time
     return model
 
 
