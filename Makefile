@@ -55,6 +55,7 @@ bench: install
 	$(PY) vit/bench.py
 	$(PY) ppo/bench.py
 	$(PY) gnns/bench.py
+	$(PY) ddpm/bench.py
 
 clean:
 	rm -rf out .pytest_cache

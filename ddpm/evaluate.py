@@ -95,6 +95,8 @@ class Config:
     nll_t: int | None = 100
     """timesteps sampled per image for the bound (None: all T, exact sum)"""
     data_dir: str | None = None
+    cpu_bf16: bool | None = None
+    """sample with bf16 autocast on the CPU (the network only; the chain stays fp32); None: on with AMX"""
     seed: int = 0
     device: str = "auto"
 
@@ -115,12 +117,15 @@ def main(cfg: Config) -> dict:
         net = feature_net(ckpt["dataset"], device, cfg.data_dir)
         t0, samples = time.perf_counter(), []
         for i in tqdm(range(0, n, cfg.batch_size), desc=f"sampling ({cfg.sampler})"):
-            x, _ = diffusion.sample((min(cfg.batch_size, n - i), c, size, size), device, cfg.sampler, cfg.steps, cfg.eta)
+            with R.autocast(device, R.resolve_cpu_bf16(cfg.cpu_bf16)):
+                x, _ = diffusion.sample((min(cfg.batch_size, n - i), c, size, size), device, cfg.sampler, cfg.steps,
+                                        cfg.eta)
             samples.append(x.cpu())
         sample_s = time.perf_counter() - t0
         res.update(fid=fid(features(net, torch.cat(samples), device), features(net, xte[:n], device)),
                    fid_n=n, sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
-                   sample_s=round(sample_s, 1), sample_images_per_s=round(n / sample_s, 2))
+                   sample_s=round(sample_s, 1), sample_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16) or device.type == "cuda",
+                   sample_images_per_s=round(n / sample_s, 2))
         print(f"FID {res['fid']:.2f} ({n} samples, {cfg.sampler}{'' if cfg.sampler == 'ddpm' else cfg.steps}, "
               f"{sample_s:.0f} s)")
     if cfg.nll_images:

@@ -72,7 +72,7 @@ class Diffusion(nn.Module):
 
     def p_mean(self, xt, t):
         """mu_theta(x_t, t): the posterior mean of Eq. (7) at the predicted x_0 (equal to Eq. (11) when unclipped)."""
-        eps = self.eps_model(xt, t)
+        eps = self.eps_model(xt, t).float()  # fp32 chain arithmetic, also under bf16 autocast
         x0 = self.predict_x0(xt, t, eps)
         return self._at(self.coef0, t, xt) * x0 + self._at(self.coef_t, t, xt) * xt
 
@@ -98,7 +98,7 @@ class Diffusion(nn.Module):
     def ddim_step(self, xt, t_int, t_prev, eta):
         """DDIM Eq. (12): x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_theta + sigma z."""
         t = torch.full((xt.shape[0],), t_int, device=xt.device, dtype=torch.long)
-        eps = self.eps_model(xt, t)
+        eps = self.eps_model(xt, t).float()
         x0 = self.predict_x0(xt, t, eps)
         if self.clip_denoised:  # keep eps consistent with the clipped x0
             ab = self.alpha_bar[t_int]

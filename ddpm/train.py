@@ -33,7 +33,7 @@ class Config(R.ImageRunConfig):
     """linear (the paper) | cosine (Nichol & Dhariwal)"""
     sigma: str = "beta"
     """beta | beta_tilde: the reverse-process variance"""
-    steps: int = 12_000
+    steps: int = 4000
     batch_size: int = 128
     """per process"""
     lr: float = 2e-4

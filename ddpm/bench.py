@@ -1,0 +1,135 @@
+"""Our DDPM next to the `denoising-diffusion-pytorch` package, trained and scored the same way.
+
+    pip install -r requirements-bench.txt
+    python ddpm/bench.py                      # Fashion-MNIST, 1500 steps of batch 64 each -> out/ddpm_bench/
+
+Their `GaussianDiffusion` is set to what the paper and ours do: epsilon prediction (`pred_noise`), the linear
+schedule, T = 1000, no min-SNR weighting, no offset noise; their `Unet` gets our width (`dim` = ch), multipliers and
+two residual blocks per level (theirs adds linear attention at every level). Both see the same batches and flips,
+Adam with the same lr/warmup, gradient clipping, our EMA class and the same autocast. Training alternates between
+the two in chunks of steps so that drift in the machine's speed hits both alike. Each EMA model then draws the same
+number of DDIM-50 (eta 0) samples with its own sampler under the same autocast, scored by our FID
+(ddpm/evaluate.py).
+Prints steps/s and FID for both and writes summary.json.
+"""
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ddpm.evaluate import feature_net, features, fid
+from ddpm.model import EMA
+from ddpm.train import build
+from ddpm.unet import UNetConfig
+from utils import data as D
+from utils import run as R
+
+
+@dataclass
+class Config:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup: int = 100
+    ema_decay: float = 0.995
+    chunk: int = 50
+    """training steps per turn, alternating ours / theirs"""
+    fid_samples: int = 2000
+    """DDIM-50 samples per model for FID, against as many test images"""
+    cpu_bf16: bool | None = None
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "out/ddpm_bench"
+
+
+def theirs(cfg, channels, size):
+    """denoising-diffusion-pytorch's Unet + GaussianDiffusion, set to DDPM's epsilon objective and schedule."""
+    try:
+        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    except ImportError:
+        R.die("the side by side needs denoising-diffusion-pytorch: pip install -r requirements-bench.txt")
+    unet = Unet(dim=cfg.ch, dim_mults=tuple(cfg.ch_mult), channels=channels)
+    return GaussianDiffusion(unet, image_size=size, timesteps=1000, sampling_timesteps=50, objective="pred_noise",
+                             beta_schedule="linear", auto_normalize=False)  # we feed [-1, 1] ourselves
+
+
+def main(cfg: Config) -> dict:
+    R.check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.chunk > 0, "--steps, --batch-size, --chunk must be positive")
+    device = R.pick_device(cfg.device)
+    bf16 = R.resolve_cpu_bf16(cfg.cpu_bf16)
+    c, size, _ = D.dataset_info(cfg.dataset)
+    xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
+    xte, _ = D.load_images(cfg.dataset, "test", cfg.data_dir)
+    torch.manual_seed(cfg.seed)
+    mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=2))
+    models = {"ours": build(mcfg, 1000, "linear", "beta").to(device), "theirs": theirs(cfg, c, size).to(device)}
+    opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr) for k, m in models.items()}
+    emas = {k: EMA(m, cfg.ema_decay) for k, m in models.items()}
+    params = {k: sum(p.numel() for p in (m.eps_model if k == "ours" else m.model).parameters())
+              for k, m in models.items()}
+    print(f"params: ours {params['ours'] / 1e6:.2f}M, theirs {params['theirs'] / 1e6:.2f}M | {cfg.steps} steps "
+          f"of batch {cfg.batch_size} | bf16 {bf16} | {device}")
+    flip = D.flips_are_valid(cfg.dataset)
+    batches, epoch = [], 0
+    while len(batches) < cfg.steps:  # the same index sequence for both
+        batches += list(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed))
+        epoch += 1
+    train_s, losses = {k: 0.0 for k in models}, {k: [] for k in models}
+    for start in range(0, cfg.steps, cfg.chunk):
+        for k, model in models.items():
+            gen = torch.Generator().manual_seed(cfg.seed + start)  # the same flips for both
+            t0 = time.perf_counter()
+            for step in range(start, min(start + cfg.chunk, cfg.steps)):
+                x0 = D.to_unit_range(xtr[batches[step]].to(device))
+                if flip:
+                    mask = torch.rand(len(x0), generator=gen) < 0.5
+                    x0 = torch.where(mask.view(-1, 1, 1, 1).to(device), x0.flip(-1), x0)
+                for g in opts[k].param_groups:
+                    g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+                with R.autocast(device, bf16):
+                    loss = model(x0)
+                opts[k].zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opts[k].step()
+                emas[k].update(model)
+                losses[k].append(loss.item())
+            train_s[k] += time.perf_counter() - t0
+        done = min(start + cfg.chunk, cfg.steps)
+        print(f"step {done}: " + ", ".join(f"{k} loss {sum(v[-cfg.chunk:]) / len(v[-cfg.chunk:]):.4f} "
+                                           f"{done / train_s[k]:.2f} steps/s" for k, v in losses.items()), flush=True)
+
+    net = feature_net(cfg.dataset, device, cfg.data_dir)
+    f_test = features(net, xte[:cfg.fid_samples], device)
+    res = {"config": asdict(cfg), "device": str(device)}
+    with torch.no_grad():
+        for k in models:
+            ema, n, out = emas[k].model, cfg.fid_samples, []
+            torch.manual_seed(cfg.seed)
+            t0 = time.perf_counter()
+            for i in range(0, n, 500):
+                b = min(500, n - i)
+                with R.autocast(device, bf16):  # the networks in bf16, both chains in fp32
+                    out.append(ema.sample((b, c, size, size), device, "ddim", 50)[0] if k == "ours" else ema.sample(b))
+            sample_s = time.perf_counter() - t0
+            x = torch.cat(out).float().clamp(-1, 1).cpu()
+            res[k] = {"params": params[k], "steps_per_s": round(cfg.steps / train_s[k], 3),
+                      "final_loss": sum(losses[k][-100:]) / len(losses[k][-100:]),
+                      "fid": fid(features(net, x, device), f_test), "fid_n": n, "sample_s": round(sample_s, 1)}
+            print(f"{k}: {res[k]['steps_per_s']} steps/s, FID {res[k]['fid']:.2f} ({n} DDIM-50 samples, "
+                  f"{sample_s:.0f} s)")
+    res["speed_ratio"] = res["ours"]["steps_per_s"] / res["theirs"]["steps_per_s"]
+    print(f"ours / theirs: {res['speed_ratio']:.2f}x training steps/s; FID {res['ours']['fid']:.2f} vs "
+          f"{res['theirs']['fid']:.2f}")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    R.write_json(Path(cfg.out_dir) / "summary.json", res)
+    return res
+
+
+if __name__ == "__main__":
+    main(R.parse(Config))
