@@ -97,7 +97,7 @@ def main(cfg: Config) -> dict:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opts[k].step()
-                emas[k].update(model)
+                emas[k].update(model, step)
                 losses[k].append(loss.item())
             train_s[k] += time.perf_counter() - t0
         done = min(start + cfg.chunk, cfg.steps)

@@ -129,7 +129,7 @@ def main(cfg: Config) -> dict:
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(diffusion.parameters(), cfg.grad_clip)
             opt.step()
-            ema.update(diffusion)
+            ema.update(diffusion, step)
             step += 1
             t_train += time.perf_counter() - t0
             seen += len(idx) * world

@@ -105,6 +105,8 @@ def test_ema_update():
         m.weight.add_(1.0)
     ema.update(m)
     assert torch.allclose(ema.model.weight, before + 0.1)
+    ema.update(m, step=0)  # warm-up: decay min(0.9, 1/10) = 0.1, so 90% of the way to the live weights
+    assert torch.allclose(ema.model.weight, before + 0.1 + 0.9 * 0.9)
 
 
 def test_discrete_decoder_sums_to_one():
