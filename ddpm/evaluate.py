@@ -89,6 +89,8 @@ class Config:
     sampler: str = "ddim"
     steps: int | None = 50
     eta: float = 0.0
+    spacing: str = "uniform"
+    """DDIM timesteps: uniform | quadratic"""
     batch_size: int = 500
     nll_images: int = 0
     """test images for the bits/dim bound (0: skip)"""
@@ -105,6 +107,7 @@ class Config:
 def main(cfg: Config) -> dict:
     R.check(cfg.num_samples >= 0 and cfg.nll_images >= 0, "--num-samples and --nll-images must be >= 0")
     R.check(cfg.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim")
+    R.check(cfg.spacing in ("uniform", "quadratic"), "--spacing must be uniform or quadratic")
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     diffusion, ckpt = load_diffusion(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device)
@@ -119,11 +122,12 @@ def main(cfg: Config) -> dict:
         for i in tqdm(range(0, n, cfg.batch_size), desc=f"sampling ({cfg.sampler})"):
             with R.autocast(device, R.resolve_cpu_bf16(cfg.cpu_bf16)):
                 x, _ = diffusion.sample((min(cfg.batch_size, n - i), c, size, size), device, cfg.sampler, cfg.steps,
-                                        cfg.eta)
+                                        cfg.eta, spacing=cfg.spacing)
             samples.append(x.cpu())
         sample_s = time.perf_counter() - t0
         res.update(fid=fid(features(net, torch.cat(samples), device), features(net, xte[:n], device)),
                    fid_n=n, sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
+                   spacing=cfg.spacing, eta=cfg.eta,
                    sample_s=round(sample_s, 1), sample_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16) or device.type == "cuda",
                    sample_images_per_s=round(n / sample_s, 2))
         print(f"FID {res['fid']:.2f} ({n} samples, {cfg.sampler}{'' if cfg.sampler == 'ddpm' else cfg.steps}, "

@@ -85,9 +85,15 @@ class Diffusion(nn.Module):
             return mean
         return mean + self.sigma2(t_int).sqrt() * torch.randn_like(xt)
 
-    def ddim_timesteps(self, steps):
-        """A sub-sequence tau of [0, T) with `steps` entries, evenly spaced, ending at T - 1."""
-        return torch.linspace(0, self.T - 1, steps).round().long().unique()
+    def ddim_timesteps(self, steps, spacing="uniform"):
+        """A sub-sequence tau of [0, T) with `steps` entries ending at T - 1: evenly spaced, or quadratic
+        (tau_i ~ (i / S)^2, denser near t = 0; DDIM Appendix D.2 uses it for CIFAR-10)."""
+        if spacing == "uniform":
+            return torch.linspace(0, self.T - 1, steps).round().long().unique()
+        tau = (torch.linspace(0, 1, steps) ** 2 * (self.T - 1)).round().long().tolist()
+        for i in range(1, len(tau)):  # keep it strictly increasing where rounding collides near 0
+            tau[i] = max(tau[i], tau[i - 1] + 1)
+        return torch.tensor(tau)
 
     def ddim_sigma(self, t, t_prev, eta):
         """DDIM Eq. (16): sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)."""
@@ -109,7 +115,8 @@ class Diffusion(nn.Module):
         return x + sigma * torch.randn_like(xt) if t_prev >= 0 else x
 
     @torch.no_grad()
-    def sample(self, shape, device, sampler="ddpm", steps=None, eta=0.0, trajectory_every=0, progress=None):
+    def sample(self, shape, device, sampler="ddpm", steps=None, eta=0.0, trajectory_every=0, progress=None,
+               spacing="uniform"):
         """x_T ~ N(0, I), then the reverse chain. Returns (x_0 in [-1, 1], [x_t snapshots] if trajectory_every)."""
         x = torch.randn(shape, device=device)
         traj = [x] if trajectory_every else []
@@ -117,7 +124,7 @@ class Diffusion(nn.Module):
             ts = list(range(self.T - 1, -1, -1))
             pairs = [(t, t - 1) for t in ts]
         else:
-            tau = self.ddim_timesteps(steps or 50).tolist()
+            tau = self.ddim_timesteps(steps or 50, spacing).tolist()
             pairs = [(tau[i], tau[i - 1] if i > 0 else -1) for i in range(len(tau) - 1, -1, -1)]
         for i, (t, t_prev) in enumerate(progress(pairs) if progress else pairs):
             x = self.p_sample(x, t) if sampler == "ddpm" else self.ddim_step(x, t, t_prev, eta)

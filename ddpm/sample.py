@@ -27,6 +27,8 @@ class Config:
     """DDIM steps S (default 50); ignored by ddpm"""
     eta: float = 0.0
     """DDIM stochasticity: 0 deterministic, 1 ancestral-like"""
+    spacing: str = "uniform"
+    """DDIM timesteps: uniform | quadratic (denser near t = 0)"""
     gif_frames: int = 40
     """snapshots of the chain in reverse.gif (0: no GIF)"""
     use_ema: bool = True
@@ -58,6 +60,7 @@ def main(cfg: Config) -> dict:
     R.check(cfg.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim")
     R.check(cfg.steps is None or cfg.steps > 0, "--steps must be positive")
     R.check(0 <= cfg.eta <= 1, "--eta must be in [0, 1]")
+    R.check(cfg.spacing in ("uniform", "quadratic"), "--spacing must be uniform or quadratic")
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     diffusion, ckpt = load_diffusion(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device, cfg.use_ema)
@@ -68,7 +71,8 @@ def main(cfg: Config) -> dict:
     every = max(1, n_steps // cfg.gif_frames) if cfg.gif_frames else 0
     t0 = time.perf_counter()
     x, traj = diffusion.sample((cfg.num_samples, c, size, size), device, cfg.sampler, cfg.steps, cfg.eta, every,
-                               progress=lambda it: tqdm(it, desc=f"{cfg.sampler} sampling", mininterval=1))
+                               progress=lambda it: tqdm(it, desc=f"{cfg.sampler} sampling", mininterval=1),
+                               spacing=cfg.spacing)
     dt = time.perf_counter() - t0
     tag = cfg.sampler if cfg.sampler == "ddpm" else f"ddim{n_steps}"
     nrow = int(cfg.num_samples ** 0.5)

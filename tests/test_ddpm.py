@@ -75,6 +75,15 @@ def test_ddim_eta1_full_steps_reduces_to_ancestral_sigma():
     assert torch.equal(d.ddim_timesteps(100), torch.arange(100))
 
 
+def test_ddim_timesteps_span_the_chain():
+    d = Diffusion(Zero(), T=1000)
+    for spacing in ["uniform", "quadratic"]:
+        tau = d.ddim_timesteps(50, spacing)
+        assert len(tau) == 50 and tau[0] == 0 and tau[-1] == 999 and (tau.diff() > 0).all()
+    q, u = d.ddim_timesteps(50, "quadratic"), d.ddim_timesteps(50, "uniform")
+    assert (q < 100).sum() > (u < 100).sum()  # quadratic spends more steps near t = 0
+
+
 def test_ddim_eta1_step_equals_ancestral_step_in_distribution():
     """Same x_t, same noise: the DDIM eta=1 step and Algorithm 2 with beta_tilde give the same x_{t-1}."""
     torch.manual_seed(0)
