@@ -87,7 +87,7 @@ class Diffusion(nn.Module):
 
     def ddim_timesteps(self, steps, spacing="uniform"):
         """A sub-sequence tau of [0, T) with `steps` entries ending at T - 1: evenly spaced, or quadratic
-        (tau_i ~ (i / S)^2, denser near t = 0; DDIM Appendix D.2 uses it for CIFAR-10)."""
+        (tau_i ~ (i / S)^2, denser near t = 0; the DDIM paper tries both)."""
         if spacing == "uniform":
             return torch.linspace(0, self.T - 1, steps).round().long().unique()
         tau = (torch.linspace(0, 1, steps) ** 2 * (self.T - 1)).round().long().tolist()
