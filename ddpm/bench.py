@@ -20,7 +20,7 @@ import torch
 
 from ddpm.evaluate import feature_net, features, fid
 from ddpm.model import EMA
-from ddpm.train import build
+from ddpm.train import build, train_step
 from ddpm.unet import UNetConfig
 from utils import data as D
 from utils import run as R
@@ -87,18 +87,10 @@ def main(cfg: Config) -> dict:
             for step in range(start, min(start + cfg.chunk, cfg.steps)):
                 x0 = D.to_unit_range(xtr[batches[step]].to(device))
                 if flip:
-                    mask = torch.rand(len(x0), generator=gen) < 0.5
-                    x0 = torch.where(mask.view(-1, 1, 1, 1).to(device), x0.flip(-1), x0)
-                for g in opts[k].param_groups:
-                    g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-                with R.autocast(device, bf16):
-                    loss = model(x0)
-                opts[k].zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opts[k].step()
-                emas[k].update(model, step)
-                losses[k].append(loss.item())
+                    x0 = D.random_flip(x0, gen)
+                loss, _ = train_step(model, model, opts[k], emas[k], x0, cfg.lr * min(1.0, (step + 1) / cfg.warmup),
+                                     step, device, bf16, 1.0)
+                losses[k].append(loss)
             train_s[k] += time.perf_counter() - t0
         done = min(start + cfg.chunk, cfg.steps)
         print(f"step {done}: " + ", ".join(f"{k} loss {sum(v[-cfg.chunk:]) / len(v[-cfg.chunk:]):.4f} "

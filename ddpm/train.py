@@ -62,6 +62,21 @@ def build(model_config, T, schedule, sigma):
     return Diffusion(UNet(UNetConfig(**model_config)), T=T, schedule=schedule, sigma=sigma)
 
 
+def train_step(model, module, opt, ema, x0, lr, step, device, cpu_bf16, grad_clip):
+    """Algorithm 1, one step: the loss of `model` (maybe DDP-wrapped `module`), an Adam step at `lr` with gradient
+    clipping, then the EMA. Returns (loss, grad norm)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with R.autocast(device, cpu_bf16):
+        loss = model(x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    ema.update(module, step)
+    return loss.item(), gnorm.item()
+
+
 def save_samples(diffusion, path, n, shape, device):
     x, _ = diffusion.sample((n, *shape), device, sampler="ddim", steps=50)
     P.save_grid((x + 1) / 2, path, nrow=int(n ** 0.5))
@@ -121,23 +136,16 @@ def main(cfg: Config) -> dict:
             x0 = D.to_unit_range(xtr[idx].to(device))
             if flip:
                 x0 = D.random_flip(x0)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-            with R.autocast(device, cfg.cpu_bf16):
-                loss = model(x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(diffusion.parameters(), cfg.grad_clip)
-            opt.step()
-            ema.update(diffusion, step)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            loss, gnorm = train_step(model, diffusion, opt, ema, x0, lr, step, device, cfg.cpu_bf16, cfg.grad_clip)
             step += 1
             t_train += time.perf_counter() - t0
             seen += len(idx) * world
-            losses.append(loss.item())
+            losses.append(loss)
             bar.update()
             if step % cfg.log_interval == 0 and master:
                 row = {"step": step, "loss": sum(losses[-cfg.log_interval:]) / len(losses[-cfg.log_interval:]),
-                       "grad_norm": gnorm.item(), "lr": opt.param_groups[0]["lr"], "images_per_s": seen / t_train}
+                       "grad_norm": gnorm, "lr": opt.param_groups[0]["lr"], "images_per_s": seen / t_train}
                 log.log(row, step=step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if master and (step % cfg.sample_interval == 0 or step == cfg.steps):

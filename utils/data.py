@@ -208,9 +208,13 @@ def shuffled_batches(n, batch_size, epoch, seed=0, rank=0, world=1, drop_last=Tr
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def random_flip(x):
-    """Flip each image left-right with probability 1/2. x: (B, C, H, W)."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+def random_flip(x, generator=None):
+    """Flip each image left-right with probability 1/2. x: (B, C, H, W). A (CPU) `generator` makes the flips
+    repeatable, e.g. the same for two models trained side by side."""
+    if generator is None:
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    else:
+        flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
