@@ -56,7 +56,7 @@ class Config(R.ImageRunConfig):
 PRESETS = {
     "quick": dict(patch_size=7, dim=64, depth=4, heads=4, mlp_dim=128, epochs=4, lr=1e-3, warmup_epochs=0.5,
                   pool="mean", drop_path=0.0, erase_p=0.0, crop_pad=0),
-    # ~27 min on a 2-core CPU with AMX (bf16): 7x7 patches (16 tokens) buy 2.4x the images/s of 4x4 patches and
+    # ~26 min on a 2-core CPU with AMX (bf16): 7x7 patches (16 tokens) buy 2.4x the images/s of 4x4 patches and
     # learn faster per epoch in a short schedule; light regularisation, mean pooling
     "default": dict(patch_size=7, epochs=52, lr=1e-3, warmup_epochs=1, pool="mean", erase_p=0.0, drop_path=0.05),
     # ViT-Tiny (Touvron et al. 2021) width and depth, for GPUs
