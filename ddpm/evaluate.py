@@ -89,6 +89,8 @@ class Config:
     sampler: str = "ddim"
     steps: int | None = 50
     eta: float = 0.0
+    sigma: str | None = None
+    """ancestral variance sigma_t^2: beta | beta_tilde (None: the checkpoint's)"""
     spacing: str = "uniform"
     """DDIM timesteps: uniform | quadratic"""
     batch_size: int = 500
@@ -108,9 +110,11 @@ def main(cfg: Config) -> dict:
     R.check(cfg.num_samples >= 0 and cfg.nll_images >= 0, "--num-samples and --nll-images must be >= 0")
     R.check(cfg.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim")
     R.check(cfg.spacing in ("uniform", "quadratic"), "--spacing must be uniform or quadratic")
+    R.check(cfg.sigma in (None, "beta", "beta_tilde"), "--sigma must be beta or beta_tilde")
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     diffusion, ckpt = load_diffusion(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device)
+    diffusion.sigma = cfg.sigma or diffusion.sigma
     c, size, _ = D.dataset_info(ckpt["dataset"])
     xte, _ = D.load_images(ckpt["dataset"], "test", cfg.data_dir)
     torch.manual_seed(cfg.seed)
@@ -127,7 +131,7 @@ def main(cfg: Config) -> dict:
         sample_s = time.perf_counter() - t0
         res.update(fid=fid(features(net, torch.cat(samples), device), features(net, xte[:n], device)),
                    fid_n=n, sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
-                   spacing=cfg.spacing, eta=cfg.eta,
+                   spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma,
                    sample_s=round(sample_s, 1), sample_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16) or device.type == "cuda",
                    sample_images_per_s=round(n / sample_s, 2))
         print(f"FID {res['fid']:.2f} ({n} samples, {cfg.sampler}{'' if cfg.sampler == 'ddpm' else cfg.steps}, "

@@ -28,6 +28,16 @@ def test_shapes_and_token_count(size, chans, patch, pool):
     assert attention_rollout(atts, pool == "cls").shape == (3, (size // patch) ** 2)
 
 
+def test_hybrid_stem_feeds_the_patches():
+    m = ViT(ViTConfig(patch_size=7, dim=32, depth=2, heads=2, mlp_dim=64, stem=8))
+    assert m.patch_embed.proj.in_features == 8 * 7 * 7  # patches of the 8-channel feature map, not of pixels
+    logits, atts = m(torch.randn(3, 1, 28, 28), need_weights=True)
+    assert logits.shape == (3, 10) and atts[0].shape == (3, 2, 17, 17)
+    m.head.weight.data.normal_()  # the zero-initialised head would block the gradient
+    m(torch.randn(3, 1, 28, 28)).sum().backward()
+    assert m.patch_embed.stem[0].weight.grad.abs().sum() > 0
+
+
 def test_own_attention_equals_sdpa():
     torch.manual_seed(0)
     attn = Attention(32, 4).eval()

@@ -27,6 +27,9 @@ class ViTConfig:
     """cls: read out the class token (Eq. 4); mean: average the patch tokens"""
     pos_emb: str = "learned"
     """learned (the paper) or sincos (fixed 2-D sine-cosine)"""
+    stem: int = 0
+    """hybrid (Section 3.1): channels of a small CNN whose full-resolution feature map is cut into the patches;
+    0: patches of raw pixels (the pure ViT)"""
 
 
 def sincos_2d(h, w, dim):
@@ -38,15 +41,25 @@ def sincos_2d(h, w, dim):
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (h*w, dim)
 
 
+def conv_stem(in_chans, ch):
+    """The hybrid's CNN (Section 3.1, "Hybrid Architecture"): two 3x3 conv-BN-ReLU layers at full resolution, a
+    small stand-in for the paper's ResNet stages, so the patches are cut from a C' x H x W feature map."""
+    return nn.Sequential(nn.Conv2d(in_chans, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(),
+                         nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU())
+
+
 class PatchEmbedding(nn.Module):
-    """x_p^i E: cut the image into N = HW / P^2 non-overlapping P x P patches, flatten, project linearly."""
+    """x_p^i E: cut the image (or the hybrid's CNN feature map) into N = HW / P^2 non-overlapping P x P patches,
+    flatten, project linearly."""
 
     def __init__(self, cfg):
         super().__init__()
         self.p = cfg.patch_size
-        self.proj = nn.Linear(cfg.in_chans * self.p ** 2, cfg.dim)
+        self.stem = conv_stem(cfg.in_chans, cfg.stem) if cfg.stem else nn.Identity()
+        self.proj = nn.Linear((cfg.stem or cfg.in_chans) * self.p ** 2, cfg.dim)
 
     def forward(self, x):
+        x = self.stem(x)
         B, C, H, W = x.shape
         p = self.p
         x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)

@@ -35,6 +35,8 @@ class Config(R.ImageRunConfig):
     """cls | mean"""
     pos_emb: str = "learned"
     """learned | sincos"""
+    stem: int = 0
+    """hybrid ViT: channels of the CNN stem the patches are cut from (0: raw pixels, the pure ViT)"""
     epochs: int = 16
     batch_size: int = 128
     """per process"""
@@ -91,6 +93,7 @@ def main(cfg: Config) -> dict:
     R.check(cfg.pool in ("cls", "mean"), "--pool must be cls or mean")
     R.check(cfg.pos_emb in ("learned", "sincos"), "--pos-emb must be learned or sincos")
     R.check(cfg.dim % cfg.heads == 0, "--dim must be divisible by --heads")
+    R.check(cfg.stem >= 0, "--stem must be >= 0 (0: no CNN stem)")
     rank, world, device = R.ddp_setup(cfg.device)
     master = rank == 0
     R.seed_everything(cfg.seed + rank)
@@ -101,7 +104,7 @@ def main(cfg: Config) -> dict:
     xte, yte = D.load_images(cfg.dataset, "test", cfg.data_dir)
     mcfg = ViTConfig(image_size=size, patch_size=cfg.patch_size, in_chans=c, num_classes=len(classes), dim=cfg.dim,
                      depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
-                     drop_path=cfg.drop_path, pool=cfg.pool, pos_emb=cfg.pos_emb)
+                     drop_path=cfg.drop_path, pool=cfg.pool, pos_emb=cfg.pos_emb, stem=cfg.stem)
     model = ViT(mcfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "pos_embedding" in n]
