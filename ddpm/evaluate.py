@@ -90,7 +90,8 @@ class Config:
     steps: int | None = 50
     eta: float = 0.0
     sigma: str | None = None
-    """ancestral variance sigma_t^2: beta | beta_tilde (None: the checkpoint's)"""
+    """reverse-process variance sigma_t^2 for ancestral sampling and the NLL bound: beta | beta_tilde
+    (None: the checkpoint's)"""
     spacing: str = "uniform"
     """DDIM timesteps: uniform | quadratic"""
     batch_size: int = 500
