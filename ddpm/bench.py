@@ -32,6 +32,12 @@ class Config:
     data_dir: str | None = None
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2, 2)
+    attn_levels: tuple[int, ...] = ()
+    """our U-Net's extra attention levels (ddpm/train.py's flag)"""
+    scale_shift: bool = False
+    """our U-Net's time conditioning as GroupNorm scale and shift (ddpm/train.py's flag)"""
+    models: str = "ours,theirs"
+    """which to train and score: ours, theirs or both (steps/s are comparable only when both alternate)"""
     steps: int = 1500
     batch_size: int = 64
     lr: float = 2e-4
@@ -66,13 +72,17 @@ def main(cfg: Config) -> dict:
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
     xte, _ = D.load_images(cfg.dataset, "test", cfg.data_dir)
     torch.manual_seed(cfg.seed)
-    mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=2))
-    models = {"ours": build(mcfg, 1000, "linear", "beta").to(device), "theirs": theirs(cfg, c, size).to(device)}
+    names = cfg.models.split(",")
+    R.check(set(names) <= {"ours", "theirs"} and names, f"--models: ours, theirs or both, not {cfg.models!r}")
+    mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=2,
+                             attn_levels=tuple(cfg.attn_levels), scale_shift=cfg.scale_shift))
+    build_one = {"ours": lambda: build(mcfg, 1000, "linear", "beta"), "theirs": lambda: theirs(cfg, c, size)}
+    models = {k: build_one[k]().to(device) for k in names}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr) for k, m in models.items()}
     emas = {k: EMA(m, cfg.ema_decay) for k, m in models.items()}
     params = {k: sum(p.numel() for p in (m.eps_model if k == "ours" else m.model).parameters())
               for k, m in models.items()}
-    print(f"params: ours {params['ours'] / 1e6:.2f}M, theirs {params['theirs'] / 1e6:.2f}M | {cfg.steps} steps "
+    print("params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()) + f" | {cfg.steps} steps "
           f"of batch {cfg.batch_size} | bf16 {bf16} | {device}")
     flip = D.flips_are_valid(cfg.dataset)
     batches, epoch = [], 0
@@ -115,9 +125,10 @@ def main(cfg: Config) -> dict:
                       "fid": fid(features(net, x, device), f_test), "fid_n": n, "sample_s": round(sample_s, 1)}
             print(f"{k}: {res[k]['steps_per_s']} steps/s, FID {res[k]['fid']:.2f} ({n} DDIM-50 samples, "
                   f"{sample_s:.0f} s)")
-    res["speed_ratio"] = res["ours"]["steps_per_s"] / res["theirs"]["steps_per_s"]
-    print(f"ours / theirs: {res['speed_ratio']:.2f}x training steps/s; FID {res['ours']['fid']:.2f} vs "
-          f"{res['theirs']['fid']:.2f}")
+    if len(models) == 2:
+        res["speed_ratio"] = res["ours"]["steps_per_s"] / res["theirs"]["steps_per_s"]
+        print(f"ours / theirs: {res['speed_ratio']:.2f}x training steps/s; FID {res['ours']['fid']:.2f} vs "
+              f"{res['theirs']['fid']:.2f}")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     R.write_json(Path(cfg.out_dir) / "summary.json", res)
     return res

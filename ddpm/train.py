@@ -27,6 +27,10 @@ class Config(R.ImageRunConfig):
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2
+    attn_levels: tuple[int, ...] = ()
+    """levels (indices into ch_mult) with self-attention after each residual block; the middle always has it"""
+    scale_shift: bool = False
+    """time embedding as GroupNorm scale and shift (Nichol & Dhariwal) instead of the paper's sum"""
     dropout: float = 0.0
     T: int = 1000
     schedule: str = "linear"
@@ -94,7 +98,7 @@ def main(cfg: Config) -> dict:
     c, size, _ = D.dataset_info(cfg.dataset)
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
     mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                             dropout=cfg.dropout))
+                             attn_levels=tuple(cfg.attn_levels), scale_shift=cfg.scale_shift, dropout=cfg.dropout))
     diffusion = build(mcfg, cfg.T, cfg.schedule, cfg.sigma).to(device)
     ema = EMA(diffusion, cfg.ema_decay)
     opt = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr)

@@ -1,10 +1,12 @@
 """The noise predictor eps_theta(x_t, t): a U-Net in the style of PixelCNN++ / Ho et al. 2020 Appendix B.
 
 Residual blocks (GroupNorm, SiLU) with the sinusoidal time embedding added in every block, self-attention at the
-lowest resolution, skip connections from the down path to the up path.
+lowest resolution (and, optionally, after every residual block of chosen levels, as the paper does at 16x16), skip
+connections from the down path to the up path.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -20,7 +22,13 @@ class UNetConfig:
     """multiplier per resolution; len - 1 downsamplings (28 -> 14 -> 7 for three entries)"""
     num_res_blocks: int = 2
     attn_lowest: bool = True
-    """self-attention at the lowest resolution"""
+    """self-attention in the middle, at the lowest resolution"""
+    attn_levels: tuple[int, ...] = ()
+    """levels (indices into ch_mult) with self-attention after every residual block, down and up; the paper's
+    CIFAR-10 net has it at 16x16, its second level"""
+    scale_shift: bool = False
+    """time embedding as a scale and shift of the second GroupNorm (Nichol & Dhariwal 2021's adaptive group norm)
+    instead of the paper's sum"""
     dropout: float = 0.0
 
 
@@ -34,23 +42,6 @@ def timestep_embedding(t, dim):
 
 def norm(ch):
     return nn.GroupNorm(min(32, ch // 4), ch)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out, t_dim, dropout):
-        super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.t_proj = nn.Linear(t_dim, c_out)
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-
-    def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.t_proj(F.silu(temb))[:, :, None, None]  # time embedding into every block
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -68,6 +59,32 @@ class AttnBlock(nn.Module):
         return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
 
 
+class ResBlock(nn.Module):
+    """Residual block; with `attn`, self-attention follows it (the pair is one unit of the U-Net's skip list)."""
+
+    def __init__(self, c_in, c_out, t_dim, dropout, attn=False, scale_shift=False):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.scale_shift = scale_shift
+        self.t_proj = nn.Linear(t_dim, 2 * c_out if scale_shift else c_out)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = AttnBlock(c_out) if attn else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        t = self.t_proj(F.silu(temb))[:, :, None, None]  # time embedding into every block
+        if self.scale_shift:
+            scale, shift = t.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + t)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.attn(self.skip(x) + h)
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -77,20 +94,23 @@ class UNet(nn.Module):
         self.inp = nn.Conv2d(cfg.in_chans, ch, 3, padding=1)
         self.down, chans, c = nn.ModuleList(), [ch], ch
         for i, m in enumerate(cfg.ch_mult):
+            block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, attn=i in cfg.attn_levels,
+                            scale_shift=cfg.scale_shift)
             for _ in range(cfg.num_res_blocks):
-                self.down.append(ResBlock(c, ch * m, t_dim, cfg.dropout))
+                self.down.append(block(c, ch * m))
                 c = ch * m
                 chans.append(c)
             if i < len(cfg.ch_mult) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # downsample
                 chans.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, cfg.dropout),
-                                  AttnBlock(c) if cfg.attn_lowest else nn.Identity(),
-                                  ResBlock(c, c, t_dim, cfg.dropout)])
+        mid = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, scale_shift=cfg.scale_shift)
+        self.mid = nn.ModuleList([mid(c, c), AttnBlock(c) if cfg.attn_lowest else nn.Identity(), mid(c, c)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(cfg.ch_mult))):
+            block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, attn=i in cfg.attn_levels,
+                            scale_shift=cfg.scale_shift)
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(ResBlock(c + chans.pop(), ch * m, t_dim, cfg.dropout))
+                self.up.append(block(c + chans.pop(), ch * m))
                 c = ch * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))

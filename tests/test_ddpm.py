@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 from ddpm import evaluate, sample, train
 from ddpm.model import EMA, Diffusion, cosine_betas, discretized_gaussian_log_likelihood, linear_betas
-from ddpm.unet import UNet, UNetConfig
+from ddpm.unet import AttnBlock, ResBlock, UNet, UNetConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="synthetic", ch=8, ch_mult=(1, 2), num_res_blocks=1, T=50, batch_size=32, device="cpu",
@@ -104,6 +105,26 @@ def test_unet_output_shape(size, chans, mult):
     net = UNet(UNetConfig(in_chans=chans, ch=8, ch_mult=mult, num_res_blocks=1))
     x = torch.randn(2, chans, size, size)
     assert net(x, torch.tensor([0, 999])).shape == x.shape
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_unet_attention_levels_and_time_conditioning(scale_shift):
+    """attn_levels=(1,) puts attention after each 14x14 block (2 down, 3 up) besides the middle's 7x7; the time
+    embedding (a sum or a GroupNorm scale and shift) changes the output."""
+    net = UNet(UNetConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(1,), scale_shift=scale_shift))
+    sizes = []
+    for m in net.modules():
+        if isinstance(m, AttnBlock):
+            nn.init.normal_(m.proj.weight, std=0.1)  # not the identity it starts as
+            m.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[-1]))
+    for m in net.modules():
+        if isinstance(m, ResBlock):
+            nn.init.normal_(m.conv2.weight, std=0.1)
+    nn.init.normal_(net.out[-1].weight, std=0.1)
+    x = torch.randn(2, 1, 28, 28)
+    a, b = net(x, torch.tensor([0, 0])), net(x, torch.tensor([500, 500]))
+    assert sorted(sizes[:6]) == [7, 14, 14, 14, 14, 14] and len(sizes) == 12
+    assert a.shape == x.shape and (a - b).abs().mean() > 1e-3
 
 
 def test_ema_update():
