@@ -10,7 +10,7 @@ Adam with the same lr/warmup, gradient clipping, our EMA class and the same auto
 the two in chunks of steps so that drift in the machine's speed hits both alike. Each EMA model then draws the same
 number of DDIM-50 (eta 0) samples with its own sampler under the same autocast, scored by our FID
 (ddpm/evaluate.py).
-Prints steps/s and FID for both and writes summary.json and a grid of each model's first 64 samples.
+Prints steps/s and FID for both and writes summary.json, a grid of each model's first 64 samples and its EMA weights.
 """
 import time
 from dataclasses import asdict, dataclass
@@ -121,8 +121,9 @@ def main(cfg: Config) -> dict:
                     out.append(ema.sample((b, c, size, size), device, "ddim", 50)[0] if k == "ours" else ema.sample(b))
             sample_s = time.perf_counter() - t0
             x = torch.cat(out).float().clamp(-1, 1).cpu()
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             P.save_grid((x[:64] + 1) / 2, Path(cfg.out_dir) / f"samples_{k}.png", nrow=8)
+            R.save_checkpoint({"ema": ema.state_dict(), "unet_config": mcfg if k == "ours" else None},
+                              Path(cfg.out_dir) / f"ema_{k}.pt")  # for looking into the samples later
             res[k] = {"params": params[k], "steps_per_s": round(cfg.steps / train_s[k], 3),
                       "final_loss": sum(losses[k][-100:]) / len(losses[k][-100:]),
                       "fid": fid(features(net, x, device), f_test), "fid_n": n, "sample_s": round(sample_s, 1)}
