@@ -8,7 +8,7 @@ schedule, T = 1000, no min-SNR weighting, no offset noise; their `Unet` gets our
 two residual blocks per level (theirs adds linear attention at every level). Both see the same batches and flips,
 Adam with the same lr/warmup, gradient clipping, our EMA class and the same autocast. Training alternates between
 the two in chunks of steps so that drift in the machine's speed hits both alike. Each EMA model then draws the same
-number of DDIM-50 (eta 0) samples with its own sampler under the same autocast, scored by our FID
+number of DDIM-50 samples (eta 0 unless --eta) with its own sampler under the same autocast, scored by our FID
 (ddpm/evaluate.py).
 Prints steps/s and FID for both and writes summary.json, a grid of each model's first 64 samples and its EMA weights.
 """
@@ -46,6 +46,8 @@ class Config:
     ema_decay: float = 0.995
     chunk: int = 50
     """training steps per turn, alternating ours / theirs"""
+    eta: float = 0.0
+    """DDIM eta for both samplers: 0 deterministic, 1 the ancestral sigma"""
     fid_samples: int = 2000
     """DDIM-50 samples per model for FID, against as many test images"""
     cpu_bf16: bool | None = None
@@ -61,7 +63,8 @@ def theirs(cfg, channels, size):
     except ImportError:
         R.die("the side by side needs denoising-diffusion-pytorch: pip install -r requirements-bench.txt")
     unet = Unet(dim=cfg.ch, dim_mults=tuple(cfg.ch_mult), channels=channels)
-    return GaussianDiffusion(unet, image_size=size, timesteps=1000, sampling_timesteps=50, objective="pred_noise",
+    return GaussianDiffusion(unet, image_size=size, timesteps=1000, sampling_timesteps=50, ddim_sampling_eta=cfg.eta,
+                             objective="pred_noise",
                              beta_schedule="linear", auto_normalize=False)  # we feed [-1, 1] ourselves
 
 
@@ -118,7 +121,8 @@ def main(cfg: Config) -> dict:
             for i in range(0, n, 500):
                 b = min(500, n - i)
                 with R.autocast(device, bf16):  # the networks in bf16, both chains in fp32
-                    out.append(ema.sample((b, c, size, size), device, "ddim", 50)[0] if k == "ours" else ema.sample(b))
+                    out.append(ema.sample((b, c, size, size), device, "ddim", 50, eta=cfg.eta)[0] if k == "ours"
+                               else ema.sample(b))
             sample_s = time.perf_counter() - t0
             x = torch.cat(out).float().clamp(-1, 1).cpu()
             P.save_grid((x[:64] + 1) / 2, Path(cfg.out_dir) / f"samples_{k}.png", nrow=8)
@@ -127,7 +131,7 @@ def main(cfg: Config) -> dict:
             res[k] = {"params": params[k], "steps_per_s": round(cfg.steps / train_s[k], 3),
                       "final_loss": sum(losses[k][-100:]) / len(losses[k][-100:]),
                       "fid": fid(features(net, x, device), f_test), "fid_n": n, "sample_s": round(sample_s, 1)}
-            print(f"{k}: {res[k]['steps_per_s']} steps/s, FID {res[k]['fid']:.2f} ({n} DDIM-50 samples, "
+            print(f"{k}: {res[k]['steps_per_s']} steps/s, FID {res[k]['fid']:.2f} ({n} DDIM-50 samples, eta {cfg.eta}, "
                   f"{sample_s:.0f} s)")
     if len(models) == 2:
         res["speed_ratio"] = res["ours"]["steps_per_s"] / res["theirs"]["steps_per_s"]

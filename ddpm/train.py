@@ -57,8 +57,8 @@ PRESETS = {
                   ema_decay=0.995, sample_interval=500, log_interval=50),
     "default": {},
     # Ho et al. 2020 Appendix B, CIFAR-10: attention at 16x16, 35.7M params, dropout 0.1, 800k steps, EMA 0.9999
-    "paper": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,), dropout=0.1, steps=800_000, batch_size=128,
-                  warmup=5000, ema_decay=0.9999, sample_interval=10_000, log_interval=500),
+    "paper": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,), dropout=0.1, steps=800_000,
+                  batch_size=128, warmup=5000, ema_decay=0.9999, sample_interval=10_000, log_interval=500),
 }
 
 
