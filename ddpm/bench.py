@@ -64,8 +64,8 @@ def theirs(cfg, channels, size):
         R.die("the side by side needs denoising-diffusion-pytorch: pip install -r requirements-bench.txt")
     unet = Unet(dim=cfg.ch, dim_mults=tuple(cfg.ch_mult), channels=channels)
     return GaussianDiffusion(unet, image_size=size, timesteps=1000, sampling_timesteps=50, ddim_sampling_eta=cfg.eta,
-                             objective="pred_noise",
-                             beta_schedule="linear", auto_normalize=False)  # we feed [-1, 1] ourselves
+                             objective="pred_noise", beta_schedule="linear",
+                             auto_normalize=False)  # we feed [-1, 1] ourselves
 
 
 def main(cfg: Config) -> dict:
@@ -131,8 +131,8 @@ def main(cfg: Config) -> dict:
             res[k] = {"params": params[k], "steps_per_s": round(cfg.steps / train_s[k], 3),
                       "final_loss": sum(losses[k][-100:]) / len(losses[k][-100:]),
                       "fid": fid(features(net, x, device), f_test), "fid_n": n, "sample_s": round(sample_s, 1)}
-            print(f"{k}: {res[k]['steps_per_s']} steps/s, FID {res[k]['fid']:.2f} ({n} DDIM-50 samples, eta {cfg.eta}, "
-                  f"{sample_s:.0f} s)")
+            print(f"{k}: {res[k]['steps_per_s']} steps/s, FID {res[k]['fid']:.2f} ({n} DDIM-50 samples, "
+                  f"eta {cfg.eta}, {sample_s:.0f} s)")
     if len(models) == 2:
         res["speed_ratio"] = res["ours"]["steps_per_s"] / res["theirs"]["steps_per_s"]
         print(f"ours / theirs: {res['speed_ratio']:.2f}x training steps/s; FID {res['ours']['fid']:.2f} vs "

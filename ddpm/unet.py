@@ -93,24 +93,20 @@ class UNet(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.inp = nn.Conv2d(cfg.in_chans, ch, 3, padding=1)
         self.down, chans, c = nn.ModuleList(), [ch], ch
+        block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, scale_shift=cfg.scale_shift)
         for i, m in enumerate(cfg.ch_mult):
-            block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, attn=i in cfg.attn_levels,
-                            scale_shift=cfg.scale_shift)
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(c, ch * m))
+                self.down.append(block(c, ch * m, attn=i in cfg.attn_levels))
                 c = ch * m
                 chans.append(c)
             if i < len(cfg.ch_mult) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # downsample
                 chans.append(c)
-        mid = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, scale_shift=cfg.scale_shift)
-        self.mid = nn.ModuleList([mid(c, c), AttnBlock(c) if cfg.attn_lowest else nn.Identity(), mid(c, c)])
+        self.mid = nn.ModuleList([block(c, c), AttnBlock(c) if cfg.attn_lowest else nn.Identity(), block(c, c)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(cfg.ch_mult))):
-            block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, attn=i in cfg.attn_levels,
-                            scale_shift=cfg.scale_shift)
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(c + chans.pop(), ch * m))
+                self.up.append(block(c + chans.pop(), ch * m, attn=i in cfg.attn_levels))
                 c = ch * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
