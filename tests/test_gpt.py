@@ -148,8 +148,13 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, text_file):
     p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"},
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def trained():  # a training record ("loss" at iter 5), not the eval record at iter 0 (which has "train_loss")
+        text = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else ""
+        return any('"loss"' in line for line in text.split("\n")[:-1])  # whole lines only
+
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and "loss" in (out / "metrics.jsonl").read_text()):
+    while time.time() < deadline and not trained():
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
