@@ -35,6 +35,8 @@ class Config:
     ch_mult: tuple[int, ...] = (1, 2, 2)
     attn_levels: tuple[int, ...] = ()
     """our U-Net's extra attention levels (ddpm/train.py's flag)"""
+    linear_attn_levels: tuple[int, ...] = ()
+    """levels with linear attention after each residual block (not in the paper; denoising-diffusion-pytorch's)"""
     scale_shift: bool = False
     """our U-Net's time conditioning as GroupNorm scale and shift (ddpm/train.py's flag)"""
     models: str = "ours,theirs"
@@ -79,7 +81,8 @@ def main(cfg: Config) -> dict:
     names = cfg.models.split(",")
     R.check(set(names) <= {"ours", "theirs"} and names, f"--models: ours, theirs or both, not {cfg.models!r}")
     mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=2,
-                             attn_levels=tuple(cfg.attn_levels), scale_shift=cfg.scale_shift))
+                             attn_levels=tuple(cfg.attn_levels),
+                             linear_attn_levels=tuple(cfg.linear_attn_levels), scale_shift=cfg.scale_shift))
     build_one = {"ours": lambda: build(mcfg, 1000, "linear", "beta"), "theirs": lambda: theirs(cfg, c, size)}
     models = {k: build_one[k]().to(device) for k in names}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr) for k, m in models.items()}

@@ -29,6 +29,8 @@ class Config(R.ImageRunConfig):
     num_res_blocks: int = 2
     attn_levels: tuple[int, ...] = ()
     """levels (indices into ch_mult) with self-attention after each residual block; the middle always has it"""
+    linear_attn_levels: tuple[int, ...] = ()
+    """levels with linear attention after each residual block (not in the paper; denoising-diffusion-pytorch's)"""
     scale_shift: bool = False
     """time embedding as GroupNorm scale and shift (Nichol & Dhariwal) instead of the paper's sum"""
     dropout: float = 0.0
@@ -98,7 +100,9 @@ def main(cfg: Config) -> dict:
     c, size, _ = D.dataset_info(cfg.dataset)
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
     mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                             attn_levels=tuple(cfg.attn_levels), scale_shift=cfg.scale_shift, dropout=cfg.dropout))
+                             attn_levels=tuple(cfg.attn_levels),
+                             linear_attn_levels=tuple(cfg.linear_attn_levels), scale_shift=cfg.scale_shift,
+                             dropout=cfg.dropout))
     diffusion = build(mcfg, cfg.T, cfg.schedule, cfg.sigma).to(device)
     ema = EMA(diffusion, cfg.ema_decay)
     opt = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr)

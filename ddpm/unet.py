@@ -2,7 +2,9 @@
 
 Residual blocks (GroupNorm, SiLU) with the sinusoidal time embedding added in every block, self-attention at the
 lowest resolution (and, optionally, after every residual block of chosen levels, as the paper does at 16x16), skip
-connections from the down path to the up path.
+connections from the down path to the up path. An option that is not the paper's: linear attention (Shen et al. 2018,
+"Efficient Attention") after the residual blocks of chosen levels, as denoising-diffusion-pytorch has at every outer
+level, for the side-by-side bench.
 """
 import math
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ class UNetConfig:
     attn_levels: tuple[int, ...] = ()
     """levels (indices into ch_mult) with self-attention after every residual block, down and up; the paper's
     CIFAR-10 net has it at 16x16, its second level"""
+    linear_attn_levels: tuple[int, ...] = ()
+    """levels with linear attention after every residual block instead (not in the paper; see LinearAttnBlock)"""
     scale_shift: bool = False
     """time embedding as a scale and shift of the second GroupNorm (Nichol & Dhariwal 2021's adaptive group norm)
     instead of the paper's sum"""
@@ -59,10 +63,30 @@ class AttnBlock(nn.Module):
         return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
 
 
-class ResBlock(nn.Module):
-    """Residual block; with `attn`, self-attention follows it (the pair is one unit of the U-Net's skip list)."""
+class LinearAttnBlock(nn.Module):
+    """Efficient attention (Shen et al. 2018, Eq. 2): softmax over the features of each query and over the positions
+    of each key, then out = (K^T V)^T Q in O(HW d^2) instead of O((HW)^2 d): global context at full resolution."""
 
-    def __init__(self, c_in, c_out, t_dim, dropout, attn=False, scale_shift=False):
+    def __init__(self, ch, heads=4, dim_head=32):
+        super().__init__()
+        self.heads, hidden = heads, heads * dim_head
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * hidden, 1), nn.Conv2d(hidden, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.heads, -1, H * W).unbind(1)  # each (B, heads, d, HW)
+        q, k = q.softmax(dim=-2), k.softmax(dim=-1)
+        context = k @ v.transpose(-1, -2)  # (B, heads, d_k, d_v): sum over positions of k_n v_n^T
+        h = context.transpose(-1, -2) @ q  # (B, heads, d_v, HW)
+        return x + self.proj(h.reshape(B, -1, H, W))
+
+
+class ResBlock(nn.Module):
+    """Residual block; with `attn` ("full" or "linear"), attention follows it (the pair is one unit of the U-Net's
+    skip list)."""
+
+    def __init__(self, c_in, c_out, t_dim, dropout, attn=None, scale_shift=False):
         super().__init__()
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.scale_shift = scale_shift
@@ -70,7 +94,7 @@ class ResBlock(nn.Module):
         self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.attn = AttnBlock(c_out) if attn else nn.Identity()
+        self.attn = {"full": AttnBlock, "linear": LinearAttnBlock}[attn](c_out) if attn else nn.Identity()
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
 
     def forward(self, x, temb):
@@ -94,9 +118,10 @@ class UNet(nn.Module):
         self.inp = nn.Conv2d(cfg.in_chans, ch, 3, padding=1)
         self.down, chans, c = nn.ModuleList(), [ch], ch
         block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, scale_shift=cfg.scale_shift)
+        attn = {**{i: "linear" for i in cfg.linear_attn_levels}, **{i: "full" for i in cfg.attn_levels}}.get
         for i, m in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(c, ch * m, attn=i in cfg.attn_levels))
+                self.down.append(block(c, ch * m, attn=attn(i)))
                 c = ch * m
                 chans.append(c)
             if i < len(cfg.ch_mult) - 1:
@@ -106,7 +131,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(cfg.ch_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(c + chans.pop(), ch * m, attn=i in cfg.attn_levels))
+                self.up.append(block(c + chans.pop(), ch * m, attn=attn(i)))
                 c = ch * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ddpm import evaluate, sample, train
 from ddpm.model import EMA, Diffusion, cosine_betas, discretized_gaussian_log_likelihood, linear_betas
-from ddpm.unet import AttnBlock, ResBlock, UNet, UNetConfig
+from ddpm.unet import AttnBlock, LinearAttnBlock, ResBlock, UNet, UNetConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="synthetic", ch=8, ch_mult=(1, 2), num_res_blocks=1, T=50, batch_size=32, device="cpu",
@@ -125,6 +125,31 @@ def test_unet_attention_levels_and_time_conditioning(scale_shift):
     a, b = net(x, torch.tensor([0, 0])), net(x, torch.tensor([500, 500]))
     assert sorted(sizes[:6]) == [7, 14, 14, 14, 14, 14] and len(sizes) == 12
     assert a.shape == x.shape and (a - b).abs().mean() > 1e-3
+
+
+def test_linear_attention_matches_the_quadratic_form():
+    """Efficient attention (Shen et al. 2018, Eq. 2) in its (positions x features) layout, computed the slow way
+    through the (HW x HW) matrix rho_q(Q) rho_k(K)^T, equals the block's context-first product;
+    linear_attn_levels=(0, 1) puts the block after every 28x28 and 14x14 residual block."""
+    torch.manual_seed(0)
+    blk = LinearAttnBlock(8, heads=2, dim_head=4)
+    nn.init.normal_(blk.proj.weight, std=0.1)
+    x = torch.randn(3, 8, 5, 6)
+    qkv = blk.qkv(blk.norm(x)).flatten(2).transpose(1, 2)  # (B, N, 3 * hidden)
+    outs = []
+    for hd in range(2):
+        q, k, v = (qkv[..., (i * 2 + hd) * 4:(i * 2 + hd + 1) * 4] for i in range(3))  # each (B, N, d)
+        rq, rk = q.softmax(dim=-1), k.softmax(dim=1)  # rho_q over each row's features, rho_k over positions
+        outs.append((rq @ rk.transpose(1, 2)) @ v)  # (B, N, N) @ (B, N, d)
+    ref = x + blk.proj(torch.cat(outs, -1).transpose(1, 2).reshape(3, 8, 5, 6))
+    assert torch.allclose(blk(x), ref, atol=1e-5)
+    net = UNet(UNetConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=2, linear_attn_levels=(0, 1)))
+    sizes = []
+    for m in net.modules():
+        if isinstance(m, LinearAttnBlock):
+            m.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[-1]))
+    net(torch.randn(1, 1, 28, 28), torch.tensor([3]))
+    assert sorted(sizes) == [14] * 5 + [28] * 5
 
 
 def test_ema_update():
