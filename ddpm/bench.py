@@ -37,6 +37,8 @@ class Config:
     """our U-Net's extra attention levels (ddpm/train.py's flag)"""
     linear_attn_levels: tuple[int, ...] = ()
     """levels with linear attention after each residual block (not in the paper; denoising-diffusion-pytorch's)"""
+    norm: str = "group"
+    """group (GroupNorm, the paper's) or rms (per-pixel RMSNorm, denoising-diffusion-pytorch's)"""
     scale_shift: bool = False
     """our U-Net's time conditioning as GroupNorm scale and shift (ddpm/train.py's flag)"""
     models: str = "ours,theirs"
@@ -72,6 +74,7 @@ def theirs(cfg, channels, size):
 
 def main(cfg: Config) -> dict:
     R.check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.chunk > 0, "--steps, --batch-size, --chunk must be positive")
+    R.check(cfg.norm in ("group", "rms"), "--norm must be group or rms")
     device = R.pick_device(cfg.device)
     bf16 = R.resolve_cpu_bf16(cfg.cpu_bf16)
     c, size, _ = D.dataset_info(cfg.dataset)
@@ -82,7 +85,8 @@ def main(cfg: Config) -> dict:
     R.check(set(names) <= {"ours", "theirs"} and names, f"--models: ours, theirs or both, not {cfg.models!r}")
     mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=2,
                              attn_levels=tuple(cfg.attn_levels),
-                             linear_attn_levels=tuple(cfg.linear_attn_levels), scale_shift=cfg.scale_shift))
+                             linear_attn_levels=tuple(cfg.linear_attn_levels), norm=cfg.norm,
+                             scale_shift=cfg.scale_shift))
     build_one = {"ours": lambda: build(mcfg, 1000, "linear", "beta"), "theirs": lambda: theirs(cfg, c, size)}
     models = {k: build_one[k]().to(device) for k in names}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr) for k, m in models.items()}

@@ -31,6 +31,8 @@ class Config(R.ImageRunConfig):
     """levels (indices into ch_mult) with self-attention after each residual block; the middle always has it"""
     linear_attn_levels: tuple[int, ...] = ()
     """levels with linear attention after each residual block (not in the paper; denoising-diffusion-pytorch's)"""
+    norm: str = "group"
+    """group (GroupNorm, the paper's) or rms (per-pixel RMSNorm, denoising-diffusion-pytorch's)"""
     scale_shift: bool = False
     """time embedding as GroupNorm scale and shift (Nichol & Dhariwal) instead of the paper's sum"""
     dropout: float = 0.0
@@ -93,6 +95,7 @@ def main(cfg: Config) -> dict:
     R.check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.T > 1, "--steps, --batch-size must be positive, --T > 1")
     R.check(cfg.schedule in ("linear", "cosine"), "--schedule must be linear or cosine")
     R.check(cfg.sigma in ("beta", "beta_tilde"), "--sigma must be beta or beta_tilde")
+    R.check(cfg.norm in ("group", "rms"), "--norm must be group or rms")
     cfg = replace(cfg, cpu_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16))
     rank, world, device = R.ddp_setup(cfg.device)
     master = rank == 0
@@ -101,8 +104,8 @@ def main(cfg: Config) -> dict:
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
     mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                              attn_levels=tuple(cfg.attn_levels),
-                             linear_attn_levels=tuple(cfg.linear_attn_levels), scale_shift=cfg.scale_shift,
-                             dropout=cfg.dropout))
+                             linear_attn_levels=tuple(cfg.linear_attn_levels), norm=cfg.norm,
+                             scale_shift=cfg.scale_shift, dropout=cfg.dropout))
     diffusion = build(mcfg, cfg.T, cfg.schedule, cfg.sigma).to(device)
     ema = EMA(diffusion, cfg.ema_decay)
     opt = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr)

@@ -30,6 +30,9 @@ class UNetConfig:
     CIFAR-10 net has it at 16x16, its second level"""
     linear_attn_levels: tuple[int, ...] = ()
     """levels with linear attention after every residual block instead (not in the paper; see LinearAttnBlock)"""
+    norm: str = "group"
+    """normalization in the residual blocks and the output: "group" (GroupNorm, the paper's) or "rms" (each pixel's
+    channel vector scaled to unit RMS, as denoising-diffusion-pytorch does; not in the paper)"""
     scale_shift: bool = False
     """time embedding as a scale and shift of the second GroupNorm (Nichol & Dhariwal 2021's adaptive group norm)
     instead of the paper's sum"""
@@ -44,8 +47,19 @@ def timestep_embedding(t, dim):
     return torch.cat([args.sin(), args.cos()], dim=1)  # (B, dim)
 
 
-def norm(ch):
-    return nn.GroupNorm(min(32, ch // 4), ch)
+def norm(ch, kind="group"):
+    return nn.GroupNorm(min(32, ch // 4), ch) if kind == "group" else PixelRMSNorm(ch)
+
+
+class PixelRMSNorm(nn.Module):
+    """x / RMS over the channels, per pixel, times a learned gain: no statistics over the image, unlike GroupNorm."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, ch, 1, 1))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6) * self.g
 
 
 class AttnBlock(nn.Module):
@@ -86,12 +100,12 @@ class ResBlock(nn.Module):
     """Residual block; with `attn` ("full" or "linear"), attention follows it (the pair is one unit of the U-Net's
     skip list)."""
 
-    def __init__(self, c_in, c_out, t_dim, dropout, attn=None, scale_shift=False):
+    def __init__(self, c_in, c_out, t_dim, dropout, attn=None, scale_shift=False, norm_kind="group"):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = norm(c_in, norm_kind), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.scale_shift = scale_shift
         self.t_proj = nn.Linear(t_dim, 2 * c_out if scale_shift else c_out)
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out, norm_kind), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = {"full": AttnBlock, "linear": LinearAttnBlock}[attn](c_out) if attn else nn.Identity()
@@ -117,7 +131,7 @@ class UNet(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.inp = nn.Conv2d(cfg.in_chans, ch, 3, padding=1)
         self.down, chans, c = nn.ModuleList(), [ch], ch
-        block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, scale_shift=cfg.scale_shift)
+        block = partial(ResBlock, t_dim=t_dim, dropout=cfg.dropout, scale_shift=cfg.scale_shift, norm_kind=cfg.norm)
         attn = {**{i: "linear" for i in cfg.linear_attn_levels}, **{i: "full" for i in cfg.attn_levels}}.get
         for i, m in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
@@ -135,7 +149,7 @@ class UNet(nn.Module):
                 c = ch * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
-        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, cfg.in_chans, 3, padding=1))
+        self.out = nn.Sequential(norm(c, cfg.norm), nn.SiLU(), nn.Conv2d(c, cfg.in_chans, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ddpm import evaluate, sample, train
 from ddpm.model import EMA, Diffusion, cosine_betas, discretized_gaussian_log_likelihood, linear_betas
-from ddpm.unet import AttnBlock, LinearAttnBlock, ResBlock, UNet, UNetConfig
+from ddpm.unet import AttnBlock, LinearAttnBlock, PixelRMSNorm, ResBlock, UNet, UNetConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="synthetic", ch=8, ch_mult=(1, 2), num_res_blocks=1, T=50, batch_size=32, device="cpu",
@@ -152,6 +152,22 @@ def test_linear_attention_matches_the_quadratic_form():
     assert sorted(sizes) == [14] * 5 + [28] * 5
 
 
+def test_pixel_rms_norm():
+    """norm="rms" scales each pixel's channel vector to unit RMS (denoising-diffusion-pytorch's RMSNorm: x / ||x|| *
+    sqrt(C)), so rescaling one pixel leaves the others alone, unlike GroupNorm's statistics over the image."""
+    x = torch.randn(2, 8, 5, 5) * 3
+    y = PixelRMSNorm(8)(x)
+    assert torch.allclose(y, torch.nn.functional.normalize(x, dim=1) * 8 ** 0.5, atol=1e-4)
+    x2 = x.clone()
+    x2[:, :, 0, 0] *= 100
+    assert torch.allclose(PixelRMSNorm(8)(x2)[:, :, 1:], y[:, :, 1:], atol=1e-5)
+    assert not torch.allclose(nn.GroupNorm(2, 8)(x2)[:, :, 1:], nn.GroupNorm(2, 8)(x)[:, :, 1:], atol=1e-2)
+    net = UNet(UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm="rms"))
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    assert blocks and all(isinstance(b.norm1, PixelRMSNorm) and isinstance(b.norm2, PixelRMSNorm) for b in blocks)
+    assert net(torch.randn(2, 1, 28, 28), torch.tensor([0, 999])).shape == (2, 1, 28, 28)
+
+
 def test_ema_update():
     m = torch.nn.Linear(2, 2)
     ema = EMA(m, decay=0.9)
@@ -201,7 +217,8 @@ def test_smoke_train_sample_evaluate(tmp_path):
 
 
 def test_bad_input_exits_2(tmp_path):
-    for cfg in [train.Config(dataset="nope"), train.Config(out_dir=str(tmp_path), resume=True, **TINY)]:
+    for cfg in [train.Config(dataset="nope"), train.Config(out_dir=str(tmp_path), resume=True, **TINY),
+                train.Config(out_dir=str(tmp_path / "n"), norm="batch", **TINY)]:
         with pytest.raises(SystemExit) as e:
             train.main(cfg)
         assert e.value.code == 2
