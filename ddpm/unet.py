@@ -2,9 +2,9 @@
 
 Residual blocks (GroupNorm, SiLU) with the sinusoidal time embedding added in every block, self-attention at the
 lowest resolution (and, optionally, after every residual block of chosen levels, as the paper does at 16x16), skip
-connections from the down path to the up path. An option that is not the paper's: linear attention (Shen et al. 2018,
-"Efficient Attention") after the residual blocks of chosen levels, as denoising-diffusion-pytorch has at every outer
-level, for the side-by-side bench.
+connections from the down path to the up path. Options that are not the paper's, both as denoising-diffusion-pytorch
+has them, for the side-by-side bench: linear attention (Shen et al. 2018, "Efficient Attention") after the residual
+blocks of chosen levels, and a per-pixel RMSNorm in place of GroupNorm.
 """
 import math
 from dataclasses import dataclass
