@@ -20,8 +20,7 @@ import torch
 
 from ddpm.evaluate import feature_net, features, fid
 from ddpm.model import EMA
-from ddpm.train import build, train_step
-from ddpm.unet import UNetConfig
+from ddpm.train import build, train_step, unet_config
 from utils import data as D
 from utils import plot as P
 from utils import run as R
@@ -36,9 +35,9 @@ class Config:
     attn_levels: tuple[int, ...] = ()
     """our U-Net's extra attention levels (ddpm/train.py's flag)"""
     linear_attn_levels: tuple[int, ...] = ()
-    """levels with linear attention after each residual block (not in the paper; denoising-diffusion-pytorch's)"""
+    """our U-Net's linear-attention levels (ddpm/train.py's flag)"""
     norm: str = "group"
-    """group (GroupNorm, the paper's) or rms (per-pixel RMSNorm, denoising-diffusion-pytorch's)"""
+    """our U-Net's normalization, group or rms (ddpm/train.py's flag)"""
     scale_shift: bool = False
     """our U-Net's time conditioning as GroupNorm scale and shift (ddpm/train.py's flag)"""
     models: str = "ours,theirs"
@@ -74,7 +73,6 @@ def theirs(cfg, channels, size):
 
 def main(cfg: Config) -> dict:
     R.check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.chunk > 0, "--steps, --batch-size, --chunk must be positive")
-    R.check(cfg.norm in ("group", "rms"), "--norm must be group or rms")
     device = R.pick_device(cfg.device)
     bf16 = R.resolve_cpu_bf16(cfg.cpu_bf16)
     c, size, _ = D.dataset_info(cfg.dataset)
@@ -83,10 +81,7 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     names = cfg.models.split(",")
     R.check(set(names) <= {"ours", "theirs"} and names, f"--models: ours, theirs or both, not {cfg.models!r}")
-    mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=2,
-                             attn_levels=tuple(cfg.attn_levels),
-                             linear_attn_levels=tuple(cfg.linear_attn_levels), norm=cfg.norm,
-                             scale_shift=cfg.scale_shift))
+    mcfg = unet_config(cfg, c, num_res_blocks=2)
     build_one = {"ours": lambda: build(mcfg, 1000, "linear", "beta"), "theirs": lambda: theirs(cfg, c, size)}
     models = {k: build_one[k]().to(device) for k in names}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr) for k, m in models.items()}

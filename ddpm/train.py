@@ -66,6 +66,14 @@ PRESETS = {
 }
 
 
+def unet_config(cfg, in_chans, num_res_blocks, dropout=0.0):
+    """The U-Net's config (a dict, as checkpoints store it) from the U-Net flags train.py and bench.py share."""
+    R.check(cfg.norm in ("group", "rms"), "--norm must be group or rms")
+    return asdict(UNetConfig(in_chans=in_chans, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=num_res_blocks,
+                             attn_levels=tuple(cfg.attn_levels), linear_attn_levels=tuple(cfg.linear_attn_levels),
+                             norm=cfg.norm, scale_shift=cfg.scale_shift, dropout=dropout))
+
+
 def build(model_config, T, schedule, sigma):
     return Diffusion(UNet(UNetConfig(**model_config)), T=T, schedule=schedule, sigma=sigma)
 
@@ -95,17 +103,13 @@ def main(cfg: Config) -> dict:
     R.check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.T > 1, "--steps, --batch-size must be positive, --T > 1")
     R.check(cfg.schedule in ("linear", "cosine"), "--schedule must be linear or cosine")
     R.check(cfg.sigma in ("beta", "beta_tilde"), "--sigma must be beta or beta_tilde")
-    R.check(cfg.norm in ("group", "rms"), "--norm must be group or rms")
     cfg = replace(cfg, cpu_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16))
     rank, world, device = R.ddp_setup(cfg.device)
     master = rank == 0
     R.seed_everything(cfg.seed + rank)
     c, size, _ = D.dataset_info(cfg.dataset)
+    mcfg = unet_config(cfg, c, cfg.num_res_blocks, cfg.dropout)  # checks the U-Net flags before the data loads
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
-    mcfg = asdict(UNetConfig(in_chans=c, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                             attn_levels=tuple(cfg.attn_levels),
-                             linear_attn_levels=tuple(cfg.linear_attn_levels), norm=cfg.norm,
-                             scale_shift=cfg.scale_shift, dropout=cfg.dropout))
     diffusion = build(mcfg, cfg.T, cfg.schedule, cfg.sigma).to(device)
     ema = EMA(diffusion, cfg.ema_decay)
     opt = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr)
