@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ddpm.model import EMA, Diffusion
-from ddpm.unet import UNet, UNetConfig
+from ddpm.unet import NORMS, UNet, UNetConfig
 from utils import data as D
 from utils import plot as P
 from utils import run as R
@@ -68,7 +68,7 @@ PRESETS = {
 
 def unet_config(cfg, in_chans, num_res_blocks, dropout=0.0):
     """The U-Net's config (a dict, as checkpoints store it) from the U-Net flags train.py and bench.py share."""
-    R.check(cfg.norm in ("group", "rms"), "--norm must be group or rms")
+    R.check(cfg.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, not {cfg.norm!r}")
     return asdict(UNetConfig(in_chans=in_chans, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=num_res_blocks,
                              attn_levels=tuple(cfg.attn_levels), linear_attn_levels=tuple(cfg.linear_attn_levels),
                              norm=cfg.norm, scale_shift=cfg.scale_shift, dropout=dropout))

@@ -47,7 +47,11 @@ def timestep_embedding(t, dim):
     return torch.cat([args.sin(), args.cos()], dim=1)  # (B, dim)
 
 
+NORMS = ("group", "rms")
+
+
 def norm(ch, kind="group"):
+    assert kind in NORMS, f"norm must be one of {NORMS}, not {kind!r}"
     return nn.GroupNorm(min(32, ch // 4), ch) if kind == "group" else PixelRMSNorm(ch)
 
 
