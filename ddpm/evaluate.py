@@ -101,7 +101,8 @@ class Config:
     """timesteps sampled per image for the bound (None: all T, exact sum)"""
     data_dir: str | None = None
     cpu_bf16: bool | None = None
-    """sample with bf16 autocast on the CPU (the network only; the chain stays fp32); None: on with AMX"""
+    """sample with bf16 autocast on the CPU (the network only; the chain stays fp32); None: on with AMX or
+    AVX512-BF16"""
     seed: int = 0
     device: str = "auto"
 

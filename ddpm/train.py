@@ -51,7 +51,7 @@ class Config(R.ImageRunConfig):
     hflip: bool = True
     """random horizontal flips (never applied to digits)"""
     cpu_bf16: bool | None = None
-    """bf16 autocast on the CPU too; None: on when the CPU has AMX (bf16 is always on for CUDA)"""
+    """bf16 autocast on the CPU too; None: on when the CPU has AMX or AVX512-BF16 (always on for CUDA)"""
     sample_interval: int = 2000
     log_interval: int = 100
 

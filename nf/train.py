@@ -45,8 +45,8 @@ class Config(R.ImageRunConfig):
     """test batches in each periodic estimate (the final number uses the whole test set)"""
     log_interval: int = 100
     cpu_bf16: bool | None = None
-    """bf16 autocast for the s/t networks on the CPU too; None: on when the CPU has AMX (always on for CUDA).
-    The flow arithmetic and every reported bits/dim stay in fp32"""
+    """bf16 autocast for the s/t networks on the CPU too; None: on when the CPU has AMX or AVX512-BF16 (always on
+    for CUDA). The flow arithmetic and every reported bits/dim stay in fp32"""
 
 
 PRESETS = {

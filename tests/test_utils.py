@@ -129,3 +129,12 @@ def test_random_crop_is_a_shifted_window_with_black_padding():
         windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], w) for w in windows)
     assert (out == 0).any()  # some crops show the black border
+
+
+def test_fast_bf16_needs_amx_or_avx512_bf16_as_a_whole_flag(tmp_path):
+    info = tmp_path / "cpuinfo"
+    for flags, fast in [("fpu avx2 avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True),
+                        ("fpu amx_bf16 amx_tile", True), ("fpu avx512_bf16_extra", False)]:
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert run.cpu_has_fast_bf16(info) is fast, flags
+    assert run.cpu_has_fast_bf16(tmp_path / "absent") is False

@@ -99,16 +99,19 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def cpu_has_fast_bf16():
-    """True on CPUs with AMX (Intel Sapphire Rapids and later), where bf16 matmuls beat fp32 several times."""
+def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
+    """True on CPUs with native bf16 matmuls: AMX (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4 and
+    later, Intel Cooper Lake). Measured on a 2-core AMD EPYC without AMX: bf16 autocast trains ddpm 1.61x, nf 1.63x
+    and vit 1.32x faster than fp32 (see their READMEs). Other CPUs default to fp32."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+        flags = Path(cpuinfo).read_text().split()
     except OSError:
         return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_cpu_bf16(flag):
-    """A `--cpu-bf16` flag left at None means: on when the CPU has AMX."""
+    """A `--cpu-bf16` flag left at None means: on when the CPU has native bf16 (AMX or AVX512-BF16)."""
     return cpu_has_fast_bf16() if flag is None else flag
 
 

@@ -53,7 +53,7 @@ class Config(R.ImageRunConfig):
     """random horizontal flips (never applied to digits)"""
     compile: bool = False
     cpu_bf16: bool | None = None
-    """bf16 autocast on the CPU too; None: on when the CPU has AMX (bf16 is always on for CUDA)"""
+    """bf16 autocast on the CPU too; None: on when the CPU has AMX or AVX512-BF16 (always on for CUDA)"""
 
 
 # The pure ViT, ~26 min on a 2-core CPU with AMX (bf16): 7x7 patches (16 tokens) buy 2.4x the images/s of 4x4
