@@ -48,7 +48,7 @@ def run_sb3(seed, cfg, hp):
 
 def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
-    hp = R.apply_preset(train.Config(), train.PRESETS)
+    hp = train.DEFAULT
     rows = []
     for seed in cfg.seeds:
         s = train.main(train.Config(out_dir=str(out / f"ours-seed{seed}"), seed=seed,

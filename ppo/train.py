@@ -6,7 +6,7 @@
 """
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -60,21 +60,33 @@ class Config(R.RunConfig):
     """torch threads; 1 is fastest for 64-unit MLPs"""
 
 
-CARTPOLE = {}  # the dataclass defaults are RL-Zoo's CartPole-v1 settings
+    def check(self):
+        super().check()
+        R.positive(self, "total_timesteps", "num_envs", "num_steps", "minibatch_size", "update_epochs",
+                   "eval_episodes", "hidden", "threads", "lr")
+        R.between(self, "gamma", 0, 1, lo_open=True)
+        R.between(self, "gae_lambda", 0, 1)
+        R.nonnegative(self, "clip_coef", "vf_coef", "ent_coef", "max_grad_norm")
+        R.check(self.vf_clip is None or self.vf_clip > 0, "--vf-clip must be positive (or None: off)")
+        R.check(self.target_kl is None or self.target_kl > 0, "--target-kl must be positive (or None: off)")
+        R.check(self.num_envs <= 1024 and self.hidden <= 65536, "--num-envs <= 1024 and --hidden <= 65536")
+
+
+DEFAULT = Config()  # RL-Zoo's CartPole-v1 settings
 PRESETS = {
-    "default": CARTPOLE,
-    "cartpole": CARTPOLE,
-    "quick": dict(total_timesteps=50_000),
-    "acrobot": dict(env="Acrobot-v1", total_timesteps=300_000, num_envs=16, num_steps=256, minibatch_size=512,
-                    update_epochs=4, gamma=0.99, gae_lambda=0.94, lr=1e-3, anneal_clip=False,
-                    normalize_obs=True, normalize_reward=True),
-    "pendulum": dict(env="Pendulum-v1", total_timesteps=300_000, num_envs=4, num_steps=1024, minibatch_size=256,
-                     update_epochs=10, gamma=0.9, gae_lambda=0.95, lr=1e-3, anneal_clip=False,
-                     normalize_obs=True, normalize_reward=True),
+    "default": DEFAULT,
+    "cartpole": replace(DEFAULT, preset="cartpole"),
+    "quick": replace(DEFAULT, preset="quick", total_timesteps=50_000),
+    "acrobot": replace(DEFAULT, preset="acrobot", env="Acrobot-v1", total_timesteps=300_000, num_envs=16,
+                       num_steps=256, minibatch_size=512, update_epochs=4, gamma=0.99, gae_lambda=0.94, lr=1e-3,
+                       anneal_clip=False, normalize_obs=True, normalize_reward=True),
+    "pendulum": replace(DEFAULT, preset="pendulum", env="Pendulum-v1", total_timesteps=300_000, num_envs=4,
+                        num_steps=1024, minibatch_size=256, update_epochs=10, gamma=0.9, gae_lambda=0.95, lr=1e-3,
+                        anneal_clip=False, normalize_obs=True, normalize_reward=True),
     # Table 3 of the paper (MuJoCo): 2048 steps, 10 epochs, minibatch 64, gamma 0.99, lambda 0.95, Adam 3e-4
-    "paper": dict(env="HalfCheetah-v5", total_timesteps=1_000_000, num_envs=1, num_steps=2048, minibatch_size=64,
-                  update_epochs=10, gamma=0.99, gae_lambda=0.95, lr=3e-4, anneal_clip=False, normalize_obs=True,
-                  normalize_reward=True, vf_clip=0.2),
+    "paper": replace(DEFAULT, preset="paper", env="HalfCheetah-v5", total_timesteps=1_000_000, num_envs=1,
+                     num_steps=2048, minibatch_size=64, update_epochs=10, gamma=0.99, gae_lambda=0.95, lr=3e-4,
+                     anneal_clip=False, normalize_obs=True, normalize_reward=True, vf_clip=0.2),
 }
 
 
@@ -120,10 +132,7 @@ def evaluate(agent, env_id, episodes, seed, deterministic=True, render_mode=None
 
 
 def main(cfg: Config) -> dict:
-    cfg = R.apply_preset(cfg, PRESETS)
-    for k in ("total_timesteps", "num_envs", "num_steps", "minibatch_size", "update_epochs", "eval_episodes"):
-        R.check(getattr(cfg, k) > 0, f"--{k.replace('_', '-')} must be positive")
-    R.check(0 < cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]")
+    R.validate(cfg)
     torch.set_num_threads(cfg.threads)
     R.seed_everything(cfg.seed)
     device = R.pick_device(cfg.device)

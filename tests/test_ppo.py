@@ -10,6 +10,7 @@ from torch.distributions import Normal
 
 from ppo import sample, train
 from ppo.model import ActorCritic, RunningNorm, compute_gae, ppo_loss
+from utils import run as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,8 +117,8 @@ def test_smoke_train_then_evaluate_gif(tmp_path):
 
 
 def test_continuous_env_runs(tmp_path):
-    s = train.main(train.Config(out_dir=str(tmp_path), preset="pendulum", total_timesteps=512, num_envs=2,
-                                num_steps=256, update_epochs=1, eval_episodes=1))
+    s = train.main(R.preset(train.PRESETS, "pendulum", out_dir=str(tmp_path), total_timesteps=512, num_envs=2,
+                            num_steps=256, update_epochs=1, eval_episodes=1))
     assert s["env"] == "Pendulum-v1" and np.isfinite(s["eval_return_mean"])
 
 

@@ -138,3 +138,77 @@ def test_fast_bf16_needs_amx_or_avx512_bf16_as_a_whole_flag(tmp_path):
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         assert run.cpu_has_fast_bf16(info) is fast, flags
     assert run.cpu_has_fast_bf16(tmp_path / "absent") is False
+
+
+@pytest.mark.parametrize("n,batch,world", [(1025, 171, 2), (1000, 32, 3), (97, 8, 4), (64, 8, 8), (10, 3, 1)])
+def test_every_rank_gets_the_same_number_of_full_batches(n, batch, world):
+    ranks = [data.shuffled_batches(n, batch, epoch=3, seed=1, rank=r, world=world) for r in range(world)]
+    assert len({len(b) for b in ranks}) == 1 and len(ranks[0]) == n // (batch * world)
+    assert all(len(i) == batch for b in ranks for i in b)
+    seen = torch.cat([i for b in ranks for i in b])
+    assert len(seen.unique()) == len(seen)  # disjoint across ranks
+
+
+def test_batch_larger_than_data_is_refused_not_a_hang(capsys):
+    with pytest.raises(SystemExit) as e:
+        data.shuffled_batches(100, 64, epoch=0, world=2)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
+
+
+def test_val_split_is_fixed_disjoint_and_complete():
+    tr, va = data.val_split(1000, 100)
+    tr2, va2 = data.val_split(1000, 100)
+    assert torch.equal(va, va2) and len(va) == 100 and len(tr) == 900
+    assert len(torch.cat([tr, va]).unique()) == 1000
+    assert len(data.val_split(1000, 0)[1]) == 0
+
+
+def test_checkpoint_rename_is_fsynced_in_its_folder(tmp_path, monkeypatch):
+    import stat
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
+    run.save_checkpoint({"kind": "x"}, tmp_path / "ckpt.pt")
+    assert synced == [False, True]  # the file's data, then the folder holding the new name
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+    import numpy as np
+    run.seed_everything(3)
+    run.save_checkpoint({"kind": "x", "rng": run.rng_state()}, tmp_path / "c.pt")
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    run.set_rng_state(run.load_checkpoint(tmp_path / "c.pt", "x")["rng"])
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_resume_with_other_settings_names_the_fields(capsys):
+    from ppo import train
+    cfg = train.Config(hidden=32)
+    run.check_resume(__import__("dataclasses").asdict(cfg), cfg)  # same: passes
+    with pytest.raises(SystemExit) as e:
+        run.check_resume({**__import__("dataclasses").asdict(cfg), "hidden": 64, "lr": 0.1}, cfg)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--hidden" in err and "--lr" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda:7", "tpu", "cpu:x"])
+def test_unavailable_or_unknown_device_is_refused_at_parse_time(device, capsys):
+    from ppo import train
+    with pytest.raises(SystemExit) as e:
+        run.parse(train.Config, train.PRESETS, args=["--device", device])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
+
+
+def test_truncated_idx_in_data_is_replaced_by_debians_copy(tmp_path, monkeypatch):
+    if not DEBIAN:
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    monkeypatch.setattr(data, "REPO", tmp_path)
+    monkeypatch.delenv("PAPERS_DATA_DIR", raising=False)
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in data.IDX_FILES:
+        (raw / f).write_bytes(b"\x00\x00\x08\x03truncated")
+    x, y = data.load_images("fashion-mnist", "test")
+    assert x.shape == (10000, 1, 28, 28)

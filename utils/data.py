@@ -54,14 +54,15 @@ def candidate_roots(data_dir=None):
     return [Path(r) for r in roots if r]
 
 
-def _from_debian(root):
-    """Decompress Debian's IDX .gz files into root/FashionMNIST/raw, where torchvision reads them."""
+def _from_debian(root, overwrite=False):
+    """Decompress Debian's IDX .gz files into root/FashionMNIST/raw, where torchvision reads them (again over
+    what is there with `overwrite`, e.g. a truncated copy)."""
     raw = root / "FashionMNIST" / "raw"
     if not all((DEBIAN_DIR / f"{f}.gz").exists() for f in IDX_FILES):
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for f in IDX_FILES:
-        if not (raw / f).exists():
+        if overwrite or not (raw / f).exists():
             tmp = raw / f"{f}.tmp"
             with gzip.open(DEBIAN_DIR / f"{f}.gz") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -99,14 +100,19 @@ def load_images(name="fashion-mnist", split="train", data_dir=None, download=Tru
         try:
             ds = _torchvision(base, root, train, download=False)
             break
-        except (RuntimeError, OSError):
+        except (RuntimeError, OSError, ValueError, EOFError):  # absent, or a truncated/corrupt copy
             continue
     else:
         ds = None
         if base == "fashion-mnist":
             tried.append(str(DEBIAN_DIR))
-            if _from_debian(REPO / "data"):
-                ds = _torchvision(base, REPO / "data", train, download=False)
+            for overwrite in (False, True):  # a corrupt copy in data/ is replaced by Debian's
+                try:
+                    if _from_debian(REPO / "data", overwrite):
+                        ds = _torchvision(base, REPO / "data", train, download=False)
+                    break
+                except (RuntimeError, OSError, ValueError, EOFError):
+                    continue
         if ds is None and download:
             tried.append("torchvision download")
             try:
@@ -201,11 +207,27 @@ def flips_are_valid(name):
 
 
 def shuffled_batches(n, batch_size, epoch, seed=0, rank=0, world=1, drop_last=True):
-    """Index batches of one epoch; every rank draws the same permutation and takes its own slice of it."""
+    """Index batches of one epoch; every rank draws the same permutation and takes its own slice of it. With
+    drop_last every rank gets the same number of full batches (the permutation is first cut to a multiple of
+    world * batch_size), so DDP's all-reduces and the LR schedule stay in step; none at all is refused."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)[rank::world]
-    stop = len(perm) - len(perm) % batch_size if drop_last else len(perm)
-    return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+    perm = torch.randperm(n, generator=g)
+    if drop_last:
+        perm = perm[:len(perm) - len(perm) % (world * batch_size)]
+        if len(perm) == 0:
+            die(f"batch size {batch_size} x {world} process(es) is larger than the {n} training examples")
+    perm = perm[rank::world]
+    return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+
+
+def val_split(n, val_size, seed=0):
+    """A fixed, seeded slice of the training set for every choice a run makes (LR on plateau, best checkpoint,
+    early stopping), so that the test set is used once, on the selected model. Returns (train_idx, val_idx);
+    val_size 0 gives an empty validation set (then nothing is selected)."""
+    if val_size >= n:
+        die(f"--val-size {val_size} leaves nothing to train on ({n} training examples)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
 def random_flip(x, generator=None):

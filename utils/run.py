@@ -2,7 +2,9 @@
 atomic checkpoints, metrics logging (jsonl + optional wandb), and torch.distributed setup."""
 import dataclasses
 import json
+import math
 import os
+import signal
 import random
 import sys
 from pathlib import Path
@@ -13,11 +15,13 @@ import torch
 
 @dataclasses.dataclass
 class RunConfig:
-    """The flags every train.py takes; each package's Config adds its own (and its own out_dir and presets)."""
+    """The flags every train.py takes; each package's Config adds its own (and its own out_dir and presets).
+    `check()` validates the fields; a subclass extends it and calls super().check()."""
     out_dir: str = "out"
     """checkpoint, metrics.jsonl, summary.json and figures go here"""
     preset: str = "default"
-    """a named size and schedule (the package's PRESETS); flags given explicitly override it"""
+    """the PRESETS entry this config starts from (CLI: flags given explicitly override it; in Python use
+    R.preset(PRESETS, name, **overrides): main(cfg) runs exactly the config it is given)"""
     device: str = "auto"
     """auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"""
     seed: int = 0
@@ -25,6 +29,12 @@ class RunConfig:
     """continue from out_dir/ckpt.pt"""
     wandb: bool = False
     """also log to Weights & Biases (imported lazily; WANDB_MODE=offline works)"""
+
+    def check(self):
+        check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
+        check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        nonnegative(self, "seed")
+        check_device(self.device)
 
 
 @dataclasses.dataclass
@@ -34,6 +44,12 @@ class ImageRunConfig(RunConfig):
     data_dir: str | None = None
     """looked at first; then $PAPERS_DATA_DIR, data/, Debian's dataset-fashion-mnist, a download"""
 
+    def check(self):
+        super().check()
+        from utils.data import base_name  # exits with the list of names on an unknown one
+        base_name(self.dataset)
+        check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+
 
 def die(msg, code=2):
     """Bad input ends here: one line on stderr and exit code 2, never a traceback."""
@@ -42,38 +58,104 @@ def die(msg, code=2):
 
 
 def parse(cls, presets=None, args=None):
-    """Parse a dataclass config with tyro. `--preset NAME` first selects a dict of overrides from `presets`;
-    flags given on the command line win over the preset."""
+    """The CLI of every script. `--preset NAME` picks the complete config PRESETS[NAME] (the dataclass defaults are
+    the `default` preset); every flag given on the command line overrides that config's field. Then the config is
+    validated (`validate`) before anything else runs. Bad types and unknown choices get tyro's usage message."""
     import tyro
     args = sys.argv[1:] if args is None else list(args)
-    cfg = cls()
-    name = next((a.split("=", 1)[1] for a in args if a.startswith("--preset=")), None)
-    if name is None and "--preset" in args and args.index("--preset") + 1 < len(args):
-        name = args[args.index("--preset") + 1]
-    if presets is not None and hasattr(cfg, "preset"):
-        name = name or cfg.preset
-        if name not in presets:
-            die(f"unknown preset '{name}'; choose one of: {', '.join(presets)}")
-        cfg = dataclasses.replace(cfg, preset=name, **presets[name])
-    cfg = tyro.cli(cls, default=cfg, args=args)
-    cfg._preset_applied = True  # main() must not apply it again over flags that equal the dataclass defaults
-    return cfg
+    base = cls()
+    if presets is not None:
+        name = next((a.split("=", 1)[1] for a in args if a.startswith("--preset=")), None)
+        if name is None and "--preset" in args:
+            i = args.index("--preset")
+            name = args[i + 1] if i + 1 < len(args) else None
+            check(name is not None, "--preset needs a name; choose one of: " + ", ".join(presets))
+        name = base.preset if name is None else name
+        check(name in presets, f"unknown preset '{name}'; choose one of: {', '.join(presets)}")
+        base = presets[name]
+    return validate(tyro.cli(cls, default=base, args=args))
 
 
-def apply_preset(cfg, presets):
-    """The in-process twin of parse(): fields still at their dataclass default take the preset's value."""
-    if getattr(cfg, "_preset_applied", False):
-        return cfg
-    if cfg.preset not in presets:
-        die(f"unknown preset '{cfg.preset}'; choose one of: {', '.join(presets)}")
-    base = type(cfg)()
-    over = {k: v for k, v in presets[cfg.preset].items() if getattr(cfg, k) == getattr(base, k)}
-    return dataclasses.replace(cfg, **over)
+def preset(presets, name, **overrides):
+    """In Python, what `--preset NAME --key value ...` is on the CLI: PRESETS[name] with some fields replaced."""
+    check(name in presets, f"unknown preset '{name}'; choose one of: {', '.join(presets)}")
+    return dataclasses.replace(presets[name], **overrides)
 
 
 def check(cond, msg):
     if not cond:
         die(msg)
+
+
+# ----------------------------------------------------------------------------- validation
+
+INT_LIMIT = 2 ** 31  # no count, size or seed in this repo is near it; anything beyond is a typo or an overflow
+
+
+def validate(cfg):
+    """Every field of a config, before any data loads: floats finite, ints of sane size, then the config's own
+    `check()` (ranges, choices, divisibility, files; see RunConfig.check). Returns cfg, or exits with one line."""
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, float):
+                check(math.isfinite(x), f"{flag} must be a finite number, got {x}")
+            elif isinstance(x, int) and not isinstance(x, bool):
+                check(abs(x) < INT_LIMIT, f"{flag} {x} is out of range (|value| < 2**31)")
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def positive(cfg, *names):
+    """Each named field is > 0."""
+    for n in names:
+        check(getattr(cfg, n) > 0, f"{_flag(n)} must be positive, got {getattr(cfg, n)}")
+
+
+def nonnegative(cfg, *names):
+    """Each named field is >= 0."""
+    for n in names:
+        check(getattr(cfg, n) >= 0, f"{_flag(n)} must be >= 0, got {getattr(cfg, n)}")
+
+
+def between(cfg, name, lo, hi, lo_open=False, hi_open=False):
+    """lo <= value <= hi, with either end open on request."""
+    v = getattr(cfg, name)
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    check(ok, f"{_flag(name)} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
+
+
+def one_of(cfg, name, choices):
+    v = getattr(cfg, name)
+    check(v in choices, f"{_flag(name)} must be one of {', '.join(map(str, choices))}, got {v!r}")
+
+
+def file_exists(path, what):
+    """A file the run must read; None means "not given" and passes."""
+    check(path is None or Path(path).is_file(), f"{what} not found: {path}")
+
+
+def check_device(name):
+    """The device flag, checked without touching data: known kind, and available here."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        die(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
+    check(dev.type in ("cpu", "cuda", "mps"), f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
+    if dev.type == "cuda":
+        check(torch.cuda.is_available(), f"--device {name} asked for, but CUDA is not available here")
+        n = torch.cuda.device_count()
+        check(dev.index is None or dev.index < n, f"--device {name} asked for, but this machine has {n} GPU(s)")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        check(mps is not None and mps.is_available(), f"--device {name} asked for, but MPS is not available here")
 
 
 def pick_device(name="auto"):
@@ -84,13 +166,8 @@ def pick_device(name="auto"):
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        die(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {name} asked for, but CUDA is not available here")
-    return dev
+    check_device(name)
+    return torch.device(name)
 
 
 def seed_everything(seed):
@@ -136,12 +213,18 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename lives in the folder: fsync it to survive power loss
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, kind, map_location="cpu"):
-    """Load a checkpoint written by package `kind`; missing, corrupt or foreign files exit with code 2."""
+def load_checkpoint(path, kind, map_location="cpu", keys=()):
+    """Load a checkpoint written by package `kind`; a missing, corrupt or foreign file, or one without the `keys`
+    the caller needs, exits with code 2. weights_only=True: a pickle that would run code is refused, not run."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -154,7 +237,66 @@ def load_checkpoint(path, kind, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         other = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
         die(f"{path} is a '{other}' checkpoint, not a '{kind}' one")
+    missing = [k for k in keys if k not in ckpt]
+    check(not missing, f"{path} lacks {', '.join(missing)}: an incomplete '{kind}' checkpoint; train again")
     return ckpt
+
+
+def check_resume(saved, cfg, ignore=()):
+    """--resume continues the run the checkpoint holds: every field of the stored config but the run's own
+    (where and how to run, how long) must equal the requested one, or exit naming those that differ."""
+    free = {"out_dir", "resume", "wandb", "device", "preset", "compile", "cpu_bf16", "data_dir", *ignore}
+    now = dataclasses.asdict(cfg)
+    diff = [k for k in now if k not in free and k in saved and _plain(saved[k]) != _plain(now[k])]
+    check(not diff, "--resume with other settings than the checkpoint's: " + ", ".join(
+        f"{_flag(k)} {saved[k]!r} (checkpoint) vs {now[k]!r}" for k in diff))
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def load_state(module, state, what):
+    """load_state_dict with one error line instead of a traceback on a shape or key mismatch."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        die(f"the checkpoint's {what} does not fit this model ({str(e).splitlines()[0][:200]})")
+
+
+def rng_state():
+    """Every RNG a run draws from, as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) takes the Ctrl-C path: the loop's KeyboardInterrupt handler saves."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave the default
+        pass
+
+
+def progress(iterable, **kw):
+    """tqdm bars only when stderr is a terminal: a log file gets the per-interval lines, not bar redraws."""
+    from tqdm import tqdm
+    return tqdm(iterable, **{**kw, "disable": kw.get("disable", False) or not sys.stderr.isatty()})
 
 
 # ----------------------------------------------------------------------------- logging
