@@ -8,13 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils import run as R
 from vit import sample, train
 from vit.model import Attention, ViT, ViTConfig, attention_rollout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# no crops: the synthetic templates are mid-grey, and black padding would only be noise for them
-TINY = dict(dataset="synthetic", patch_size=7, dim=32, depth=2, heads=2, mlp_dim=64, batch_size=64, device="cpu",
-            crop_pad=0)
+# The pure ViT with a class token, built explicitly (the dataclass defaults are the hybrid `default` preset).
+# No crops: the synthetic templates are mid-grey, and black padding would only be noise for them.
+TINY = dict(dataset="synthetic", patch_size=7, dim=32, depth=2, heads=2, mlp_dim=64, stem=0, pool="cls",
+            batch_size=64, device="cpu", crop_pad=0, cpu_bf16=False)
+
+
+def tiny(**kw):
+    return R.preset(train.PRESETS, "default", **{**TINY, **kw})
 
 
 @pytest.mark.parametrize("size,chans,patch", [(28, 1, 4), (32, 3, 4), (28, 1, 7)])
@@ -65,7 +71,7 @@ def test_tiny_model_overfits_32_images():
 
 def test_smoke_train_evaluate_and_classify_png(tmp_path):
     out = tmp_path / "run"
-    s = train.main(train.Config(out_dir=str(out), epochs=10, lr=3e-3, **TINY))
+    s = train.main(tiny(out_dir=str(out), epochs=10, lr=3e-3))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] and s["test_acc"] > 0.5
     assert {"test_acc", "best_test_acc", "epochs", "wall_s", "images_per_s"} <= set(s)
@@ -84,15 +90,14 @@ def test_smoke_train_evaluate_and_classify_png(tmp_path):
     r = subprocess.run([sys.executable, "vit/sample.py", "--out-dir", str(out), "--images", str(tmp_path / "bad.png")],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "cannot decode" in r.stderr and "Traceback" not in r.stderr
-    s2 = train.main(train.Config(out_dir=str(out), epochs=11, resume=True, **TINY))
+    s2 = train.main(tiny(out_dir=str(out), epochs=11, resume=True))
     assert s2["epochs"] == 11
 
 
 def test_bad_input_exits_2(tmp_path):
     from utils.run import save_checkpoint
     save_checkpoint({"kind": "gpt"}, tmp_path / "ckpt.pt")
-    for cfg in [train.Config(dataset="imagenet"), train.Config(**{**TINY, "patch_size": 5}),
-                train.Config(out_dir=str(tmp_path), resume=True, **TINY)]:
+    for cfg in [train.Config(dataset="imagenet"), tiny(patch_size=5), tiny(out_dir=str(tmp_path), resume=True)]:
         with pytest.raises(SystemExit) as e:
             train.main(cfg)
         assert e.value.code == 2

@@ -5,6 +5,7 @@
 """
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,19 @@ class Config:
     device: str = "auto"
     cpu_bf16: bool = False
     """both models under bf16 autocast on the CPU too"""
+
+    def check(self):
+        R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
+        R.check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        R.check_device(self.device)
+        R.positive(self, "steps", "batch_size", "image_size", "in_chans", "patch_size", "dim", "depth", "heads",
+                   "mlp_dim")
+        for name, hi in (("steps", 10_000), ("batch_size", 4096), ("image_size", 512), ("in_chans", 16),
+                         ("dim", 4096), ("depth", 128), ("mlp_dim", 16384)):
+            R.between(self, name, 1, hi)
+        R.check(self.image_size % self.patch_size == 0, f"--patch-size {self.patch_size} does not divide "
+                f"--image-size {self.image_size}")
+        R.check(self.dim % self.heads == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}")
 
 
 def throughput(model, cfg, device):
@@ -54,6 +68,7 @@ def throughput(model, cfg, device):
 
 
 def main(cfg: Config) -> dict:
+    R.validate(cfg)
     try:
         from vit_pytorch import ViT as TheirViT
     except ImportError:

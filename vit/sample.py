@@ -22,20 +22,38 @@ from vit.train import evaluate
 @dataclass
 class Config:
     out_dir: str = "out/vit"
-    """training output folder: best.pt (else ckpt.pt) is loaded, figures and summary.json are written here"""
+    """training output folder: the selected checkpoint (best.pt, chosen on the validation split; ckpt.pt, the last
+    epoch, when training ran without one) is loaded, figures and eval.json are written here"""
     ckpt: str | None = None
+    """a checkpoint file to evaluate instead"""
     images: list[str] = field(default_factory=list)
     """your own image files to classify (any size or mode); prints the top-3 classes"""
     data_dir: str | None = None
     num_show: int = 32
-    """test images in the predictions grid"""
+    """test images in the predictions grid (1-256)"""
     device: str = "auto"
+
+    def check(self):
+        R.check_device(self.device)
+        R.between(self, "num_show", 1, 256)
+        R.file_exists(self.ckpt, "--ckpt")
+        if self.ckpt is None:
+            R.check(Path(self.out_dir).is_dir(), f"--out-dir {self.out_dir} is not a folder (train first)")
+            R.check(any((Path(self.out_dir) / f).is_file() for f in ("best.pt", "ckpt.pt")),
+                    f"no checkpoint in {self.out_dir} (train first, or pass the right --out-dir / --ckpt)")
+        for path in self.images:
+            R.file_exists(path, "image")
+        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
 
 
 def load_model(path, device):
-    ckpt = R.load_checkpoint(path, "vit", device)
-    model = ViT(ViTConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    ckpt = R.load_checkpoint(path, "vit", device, keys=("model", "model_config", "config", "classes", "dataset",
+                                                         "epoch"))
+    try:
+        model = ViT(ViTConfig(**ckpt["model_config"])).to(device)
+    except (TypeError, AssertionError) as e:
+        R.die(f"{path} holds a model config this code cannot build ({e})")
+    R.load_state(model, ckpt["model"], "model")
     return model.eval(), ckpt
 
 
@@ -105,6 +123,7 @@ def rollout_figure(model, x, classes, path, device):
 
 @torch.no_grad()
 def main(cfg: Config) -> dict:
+    R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     path = Path(cfg.ckpt) if cfg.ckpt else (out / "best.pt" if (out / "best.pt").exists() else out / "ckpt.pt")

@@ -9,10 +9,10 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils import data as D
 from utils import run as R
@@ -21,33 +21,37 @@ from vit.model import ViT, ViTConfig, param_count
 
 @dataclass
 class Config(R.ImageRunConfig):
+    """The defaults are the `default` preset: the paper's hybrid (Section 3.1), the pure ViT's transformer on 7x7
+    patches of a 16-channel CNN feature map, ~27 min on a 2-core CPU with AMX (bf16)."""
     out_dir: str = "out/vit"
-    """ckpt.pt (last), best.pt (best test accuracy), metrics.jsonl, summary.json"""
+    """ckpt.pt (last), best.pt (best validation accuracy), metrics.jsonl, summary.json"""
     preset: str = "default"
-    """quick | default (hybrid) | pure | paper; flags given explicitly override it"""
-    patch_size: int = 4
+    """quick | default (the hybrid) | pure | paper; flags given explicitly override it"""
+    patch_size: int = 7
+    """7x7 patches on 28x28 images: 16 tokens (must divide the image size)"""
     dim: int = 128
     depth: int = 6
     heads: int = 4
     mlp_dim: int = 256
     dropout: float = 0.0
-    drop_path: float = 0.1
-    pool: str = "cls"
-    """cls | mean"""
-    pos_emb: str = "learned"
-    """learned | sincos"""
-    stem: int = 0
+    drop_path: float = 0.05
+    """stochastic depth rate of the last block"""
+    pool: Literal["cls", "mean"] = "mean"
+    """cls: read out a class token (Eq. 4); mean: average the patch tokens"""
+    pos_emb: Literal["learned", "sincos"] = "learned"
+    """learned (the paper) | sincos (fixed 2-D sine-cosine; needs --dim divisible by 4)"""
+    stem: int = 16
     """hybrid ViT: channels of the CNN stem the patches are cut from (0: raw pixels, the pure ViT)"""
-    epochs: int = 16
-    batch_size: int = 128
+    epochs: int = 46
+    batch_size: int = 256
     """per process"""
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     crop_pad: int = 2
     """random crop after zero padding by this many pixels (0: off)"""
-    erase_p: float = 0.25
+    erase_p: float = 0.0
     """random erasing probability (0: off)"""
     hflip: bool = True
     """random horizontal flips (never applied to digits)"""
@@ -55,19 +59,41 @@ class Config(R.ImageRunConfig):
     cpu_bf16: bool | None = None
     """bf16 autocast on the CPU too; None: on when the CPU has AMX or AVX512-BF16 (always on for CUDA)"""
 
+    def check(self):
+        super().check()
+        _, size, _ = D.dataset_info(self.dataset)
+        R.positive(self, "patch_size", "dim", "depth", "heads", "mlp_dim", "epochs", "batch_size", "lr")
+        R.nonnegative(self, "stem", "weight_decay", "warmup_epochs", "crop_pad")
+        R.between(self, "dropout", 0, 1, hi_open=True)
+        R.between(self, "drop_path", 0, 1, hi_open=True)
+        R.between(self, "label_smoothing", 0, 1)
+        R.between(self, "erase_p", 0, 1)
+        R.check(size % self.patch_size == 0, f"--patch-size {self.patch_size} does not divide the image size {size}"
+                f" of {self.dataset}")
+        R.check(self.dim % self.heads == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}")
+        R.check(self.pos_emb != "sincos" or self.dim % 4 == 0, f"--pos-emb sincos needs --dim divisible by 4, "
+                f"got {self.dim}")
+        R.check(self.warmup_epochs <= self.epochs, f"--warmup-epochs {self.warmup_epochs} exceeds --epochs "
+                f"{self.epochs}")
+        R.check(self.crop_pad <= size, f"--crop-pad {self.crop_pad} exceeds the image size {size}")
+        # sane upper bounds: beyond these a typo would exhaust memory or run for days
+        for name, hi in (("dim", 4096), ("depth", 128), ("mlp_dim", 16384), ("stem", 1024), ("batch_size", 65536),
+                         ("epochs", 100_000)):
+            R.between(self, name, 0, hi)
 
+
+DEFAULT = Config()
 # The pure ViT, ~26 min on a 2-core CPU with AMX (bf16): 7x7 patches (16 tokens) buy 2.4x the images/s of 4x4
 # patches and learn faster per epoch in a short schedule; light regularisation, mean pooling
-PURE = dict(patch_size=7, epochs=52, lr=1e-3, warmup_epochs=1, pool="mean", erase_p=0.0, drop_path=0.05)
+PURE = replace(DEFAULT, preset="pure", stem=0, batch_size=128, lr=1e-3, epochs=52)
 PRESETS = {
-    "quick": dict(patch_size=7, dim=64, depth=4, heads=4, mlp_dim=128, epochs=4, lr=1e-3, warmup_epochs=0.5,
-                  pool="mean", drop_path=0.0, erase_p=0.0, crop_pad=0),
-    # the paper's hybrid (Section 3.1): the pure ViT's transformer on 7x7 patches of a 16-channel CNN feature map;
-    # batch 256 for throughput, ~27 min on a 2-core CPU with AMX
-    "default": {**PURE, "stem": 16, "batch_size": 256, "lr": 1.5e-3, "epochs": 46},
+    "default": DEFAULT,
     "pure": PURE,
-    # ViT-Tiny (Touvron et al. 2021) width and depth, for GPUs
-    "paper": dict(dim=192, depth=12, heads=3, mlp_dim=768, epochs=100, batch_size=256, lr=1e-3, warmup_epochs=5),
+    "quick": replace(PURE, preset="quick", dim=64, depth=4, mlp_dim=128, epochs=4, warmup_epochs=0.5, drop_path=0.0,
+                     crop_pad=0),
+    # ViT-Tiny (Touvron et al. 2021) width and depth, for GPUs: 4x4 patches, a class token, random erasing
+    "paper": replace(DEFAULT, preset="paper", patch_size=4, dim=192, depth=12, heads=3, mlp_dim=768, drop_path=0.1,
+                     pool="cls", stem=0, epochs=100, lr=1e-3, warmup_epochs=5, erase_p=0.25),
 }
 
 
@@ -93,18 +119,12 @@ def evaluate(model, x, y, device, batch_size=500, cpu_bf16=False):
 
 
 def main(cfg: Config) -> dict:
-    cfg = R.apply_preset(cfg, PRESETS)
-    R.check(cfg.epochs > 0 and cfg.batch_size > 0, "--epochs and --batch-size must be positive")
-    R.check(cfg.pool in ("cls", "mean"), "--pool must be cls or mean")
-    R.check(cfg.pos_emb in ("learned", "sincos"), "--pos-emb must be learned or sincos")
-    R.check(cfg.dim % cfg.heads == 0, "--dim must be divisible by --heads")
-    R.check(cfg.stem >= 0, "--stem must be >= 0 (0: no CNN stem)")
+    R.validate(cfg)
     rank, world, device = R.ddp_setup(cfg.device)
     master = rank == 0
     R.seed_everything(cfg.seed + rank)
     cfg = replace(cfg, cpu_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16))
     c, size, classes = D.dataset_info(cfg.dataset)
-    R.check(size % cfg.patch_size == 0, f"--patch-size {cfg.patch_size} does not divide the image size {size}")
     xtr, ytr = D.load_images(cfg.dataset, "train", cfg.data_dir)
     xte, yte = D.load_images(cfg.dataset, "test", cfg.data_dir)
     mcfg = ViTConfig(image_size=size, patch_size=cfg.patch_size, in_chans=c, num_classes=len(classes), dim=cfg.dim,
@@ -147,7 +167,7 @@ def main(cfg: Config) -> dict:
         while epoch < cfg.epochs:
             t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
             batches = D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed, rank, world)
-            for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False):
+            for idx in R.progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False):
                 x, y = xtr[idx].to(device), ytr[idx].to(device)
                 if flip:
                     x = D.random_flip(x)
