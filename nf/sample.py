@@ -18,16 +18,30 @@ from utils import run as R
 @dataclass
 class Config:
     out_dir: str = "out/nf"
+    """the training run's folder: ckpt.pt is read from it, the figures and eval.json are written to it"""
     ckpt: str | None = None
+    """another checkpoint file instead of out_dir/ckpt.pt"""
     num_samples: int = 64
     temperature: float = 0.7
     """standard deviation of the prior when sampling (the paper's figures use < 1 too)"""
     num_test: int = 2000
     """test images scored for the most / least likely figures"""
     interp_steps: int = 10
+    """images on the latent line between two test images, both ends included"""
     data_dir: str | None = None
     seed: int = 0
     device: str = "auto"
+
+    def check(self):
+        R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
+        R.file_exists(self.ckpt, "--ckpt")
+        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.nonnegative(self, "seed")
+        R.check_device(self.device)
+        R.between(self, "num_samples", 1, 4096)
+        R.between(self, "temperature", 0, 10, lo_open=True)
+        R.between(self, "num_test", 2, 1_000_000)
+        R.between(self, "interp_steps", 2, 100)
 
 
 def load_model(path, device):
@@ -43,8 +57,7 @@ def to_uint8(x01):
 
 @torch.no_grad()
 def main(cfg: Config) -> dict:
-    R.check(cfg.temperature > 0, "--temperature must be > 0")
-    R.check(cfg.num_samples > 0, "--num-samples must be positive")
+    R.validate(cfg)
     device = R.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
@@ -60,7 +73,7 @@ def main(cfg: Config) -> dict:
     xt = xte[:cfg.num_test]
     scores = torch.cat([model.bits_per_dim(xt[i:i + 500].to(device)).cpu() for i in range(0, len(xt), 500)])
     o = scores.argsort()
-    k = 16
+    k = min(16, len(xt) // 2)  # most and least likely, without overlap
     idx = torch.cat([o[:k], o[-k:]])
     P.labeled_grid(xt[idx], [f"{'most' if i < k else 'least'} {scores[j]:.2f}" for i, j in enumerate(idx)],
                    out / "test_most_least_likely.png")

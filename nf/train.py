@@ -8,9 +8,9 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from nf.model import FlowConfig, RealNVP, num_params
 from utils import data as D
@@ -28,12 +28,13 @@ class Config(R.ImageRunConfig):
     final_couplings: int = 4
     hidden: int = 64
     num_blocks: int = 2
-    norm: str = "actnorm"
-    """actnorm | batchnorm | none"""
-    dequant: str = "uniform"
-    """uniform | variational"""
+    norm: Literal["actnorm", "batchnorm", "none"] = "actnorm"
+    """normalization flow layer after each coupling"""
+    dequant: Literal["uniform", "variational"] = "variational"
+    """uniform noise (Real NVP) or a learned q(u|x) (Flow++)"""
     single_scale: int = 0
-    steps: int = 4500
+    """>0: this many checkerboard couplings at one scale instead of the multi-scale flow"""
+    steps: int = 9000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -41,7 +42,7 @@ class Config(R.ImageRunConfig):
     """L2 on the weights, as the paper (5e-5)"""
     grad_clip: float = 100.0
     eval_interval: int = 1000
-    eval_batches: int = 20
+    eval_batches: int = 4
     """test batches in each periodic estimate (the final number uses the whole test set)"""
     log_interval: int = 100
     cpu_bf16: bool | None = None
@@ -49,13 +50,30 @@ class Config(R.ImageRunConfig):
     for CUDA). The flow arithmetic and every reported bits/dim stay in fp32"""
 
 
+    def check(self):
+        super().check()
+        R.positive(self, "hidden", "steps", "lr", "grad_clip", "eval_interval", "eval_batches", "log_interval")
+        R.nonnegative(self, "num_scales", "final_couplings", "num_blocks", "single_scale", "warmup", "weight_decay")
+        R.check(self.batch_size >= 2, f"--batch-size must be at least 2, got {self.batch_size}")
+        R.check(self.lr <= 1, f"--lr {self.lr} is far too large for Adam (at most 1)")
+        R.check(self.hidden <= 1024 and self.num_blocks <= 64 and self.batch_size <= 65536,
+                "--hidden <= 1024, --num-blocks <= 64 and --batch-size <= 65536")
+        R.check(self.single_scale <= 256 and self.final_couplings <= 256, "--single-scale and --final-couplings <= 256")
+        _, size, _ = D.dataset_info(self.dataset)
+        R.check(self.single_scale or size % (2 ** self.num_scales) == 0,
+                f"image size {size} is not divisible by 2^{self.num_scales} (--num-scales)")
+        R.check(self.single_scale or self.num_scales + self.final_couplings > 0,
+                "the flow needs --num-scales or --final-couplings (or --single-scale) > 0")
+
+
+DEFAULT = Config()  # the CPU quality run: ~1.7 h on 2 cores with bf16 s/t networks
 PRESETS = {
-    "quick": dict(hidden=32, num_blocks=1, final_couplings=2, steps=500, batch_size=64, eval_interval=250,
-                  eval_batches=4),
-    # the CPU quality run: ~1.7 h on 2 cores with AMX (bf16 s/t networks)
-    "default": dict(dequant="variational", steps=9000, eval_batches=4),
-    "seed": dict(single_scale=30, hidden=32, num_blocks=1, norm="none", steps=6000),
-    "paper": dict(hidden=64, num_blocks=8, steps=100_000, batch_size=64, dequant="variational"),
+    "default": DEFAULT,
+    "quick": replace(DEFAULT, preset="quick", hidden=32, num_blocks=1, final_couplings=2, dequant="uniform",
+                     steps=500, eval_interval=250),
+    "seed": replace(DEFAULT, preset="seed", single_scale=30, hidden=32, num_blocks=1, norm="none", dequant="uniform",
+                    steps=6000, eval_batches=20),
+    "paper": replace(DEFAULT, preset="paper", num_blocks=8, steps=100_000, eval_batches=20),
 }
 
 
@@ -82,16 +100,11 @@ def test_bpd(model, x, device, batch_size=500, max_batches=None):
 
 
 def main(cfg: Config) -> dict:
-    cfg = R.apply_preset(cfg, PRESETS)
-    R.check(cfg.steps > 0 and cfg.batch_size > 1, "--steps must be positive and --batch-size > 1")
-    R.check(cfg.norm in ("actnorm", "batchnorm", "none"), "--norm must be actnorm, batchnorm or none")
-    R.check(cfg.dequant in ("uniform", "variational"), "--dequant must be uniform or variational")
+    R.validate(cfg)
     device = R.pick_device(cfg.device)
     cfg = replace(cfg, cpu_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16))
     R.seed_everything(cfg.seed)
     c, size, _ = D.dataset_info(cfg.dataset)
-    R.check(cfg.single_scale or size % (2 ** cfg.num_scales) == 0,
-            f"image size {size} is not divisible by 2^{cfg.num_scales} (--num-scales)")
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
     xte, _ = D.load_images(cfg.dataset, "test", cfg.data_dir)
     mcfg = FlowConfig(in_chans=c, image_size=size, num_scales=cfg.num_scales, final_couplings=cfg.final_couplings,
@@ -118,7 +131,7 @@ def main(cfg: Config) -> dict:
     t_start, t_train, seen = time.time(), 0.0, 0
     epoch = step * cfg.batch_size // len(xtr)
     batches = iter(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed))
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", mininterval=2)
+    bar = R.progress(None, total=cfg.steps, initial=step, desc="train", mininterval=2)
     try:
         while step < cfg.steps:
             idx = next(batches, None)

@@ -9,10 +9,15 @@ import torch
 
 from nf import train
 from nf.model import (ActNorm, AffineCoupling, BatchNormFlow, FlowConfig, Logit, RealNVP, Squeeze)
+from utils import run as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="synthetic", hidden=8, num_blocks=1, final_couplings=2, batch_size=32, device="cpu",
-            eval_interval=40, eval_batches=1, log_interval=10)
+            eval_interval=40, eval_batches=1, log_interval=10, cpu_bf16=False)
+
+
+def tiny(out, **kw):
+    return R.preset(train.PRESETS, "quick", out_dir=str(out), **{**TINY, **kw})
 
 
 def layers():
@@ -111,7 +116,7 @@ def test_tiny_model_overfits_few_images():
 
 def test_smoke_train_then_sample(tmp_path):
     out = tmp_path / "run"
-    s = train.main(train.Config(out_dir=str(out), steps=80, **TINY))
+    s = train.main(tiny(out, steps=80))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     tr = [r["train_bpd"] for r in rows if "train_bpd" in r]
     assert tr[-1] < tr[0] and math.isfinite(s["test_bpd"])
@@ -128,7 +133,7 @@ def test_smoke_train_then_sample(tmp_path):
 
 
 def test_bad_input_exits_2(tmp_path):
-    for cfg in [train.Config(dataset="nope"), train.Config(out_dir=str(tmp_path), resume=True, **TINY)]:
+    for cfg in [train.Config(dataset="nope"), tiny(tmp_path, resume=True)]:
         with pytest.raises(SystemExit) as e:
             train.main(cfg)
         assert e.value.code == 2
