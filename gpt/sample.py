@@ -15,7 +15,7 @@ from utils import run as R
 @dataclass
 class Config:
     out_dir: str = "out/gpt"
-    """training output folder: best.pt (else ckpt.pt) is loaded from it"""
+    """training output folder: best.pt (lowest val loss), else ckpt.pt, is loaded from it"""
     ckpt: str | None = None
     """an explicit checkpoint path instead"""
     output: str | None = None
@@ -24,31 +24,50 @@ class Config:
     max_new_tokens: int = 500
     prompt: str = "\n"
     temperature: float = 0.8
+    """0 is greedy"""
     top_k: int | None = None
+    """sample from the k most likely tokens only (None: all)"""
     top_p: float | None = None
+    """nucleus sampling: the smallest set of tokens whose probability reaches p, in (0, 1] (None: off)"""
     use_cache: bool = True
     """KV cache: one new token per forward pass"""
     seed: int = 1337
     device: str = "auto"
 
+    def checkpoint_path(self):
+        out = Path(self.out_dir)
+        return Path(self.ckpt) if self.ckpt else (out / "best.pt" if (out / "best.pt").exists() else out / "ckpt.pt")
+
+    def check(self):
+        R.positive(self, "num_samples", "max_new_tokens")
+        R.check(self.num_samples <= 100_000 and self.max_new_tokens <= 1_000_000,
+                "--num-samples <= 100000 and --max-new-tokens <= 1000000")
+        R.nonnegative(self, "temperature", "seed")
+        R.check(self.top_k is None or self.top_k > 0, f"--top-k must be positive, got {self.top_k}")
+        R.check(self.top_p is None or 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        R.check(len(self.prompt) > 0, "--prompt must not be empty")
+        R.check(self.output is None or (self.output.strip() and not Path(self.output).is_dir()),
+                f"--output {self.output!r} must name a file")
+        R.check_device(self.device)
+        path = self.checkpoint_path()
+        R.check(path.is_file(), f"no checkpoint at {path} (train first, or pass the right --out-dir / --ckpt)")
+
 
 def load_model(path, device):
-    ckpt = R.load_checkpoint(path, "gpt", device)
-    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    ckpt = R.load_checkpoint(path, "gpt", device, keys=("model", "model_config", "vocab", "step"))
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
+    except (TypeError, AssertionError) as e:
+        R.die(f"{path}: the stored model_config does not describe a GPT ({e})")
+    R.load_state(model, ckpt["model"], "model")
     return model.eval(), CharTokenizer(ckpt["vocab"]), ckpt
 
 
 def main(cfg: Config) -> dict:
-    R.check(cfg.num_samples > 0 and cfg.max_new_tokens > 0, "--num-samples and --max-new-tokens must be positive")
-    R.check(cfg.temperature >= 0, "--temperature must be >= 0 (0 is greedy)")
-    R.check(cfg.top_k is None or cfg.top_k > 0, "--top-k must be positive")
-    R.check(cfg.top_p is None or 0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
-    R.check(len(cfg.prompt) > 0, "--prompt must not be empty")
+    R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    path = Path(cfg.ckpt) if cfg.ckpt else (out / "best.pt" if (out / "best.pt").exists() else out / "ckpt.pt")
-    model, tok, ckpt = load_model(path, device)
+    model, tok, ckpt = load_model(cfg.checkpoint_path(), device)
     bad = tok.unknown(cfg.prompt)
     R.check(not bad, f"--prompt has characters outside the model's vocabulary: {''.join(bad)!r}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -60,8 +79,11 @@ def main(cfg: Config) -> dict:
     dt = time.perf_counter() - t0
     tps = cfg.num_samples * cfg.max_new_tokens / dt
     dest = Path(cfg.output) if cfg.output else out / "generated.txt"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("".join(f"################ SAMPLE {i} ################\n{s}\n" for i, s in enumerate(samples)))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text("".join(f"################ SAMPLE {i} ################\n{s}\n" for i, s in enumerate(samples)))
+    except OSError as e:
+        R.die(f"cannot write {dest}: {e.strerror}")
     print(samples[0][:300])
     print(f"\n{cfg.num_samples} samples x {cfg.max_new_tokens} tokens in {dt:.1f} s ({tps:,.0f} tokens/s, "
           f"cache {'on' if cfg.use_cache else 'off'}) -> {dest}  [model at iter {ckpt['step']}]")

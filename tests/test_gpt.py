@@ -164,3 +164,33 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, text_file):
     s = train.main(train.Config(out_dir=str(out), text=str(text_file), max_iters=step + 5, resume=True, device="cpu",
                                 **TINY))
     assert s["iters"] == step + 5
+
+
+@pytest.mark.parametrize("script,args", [
+    ("train", ["--eval-interval", "0"]), ("train", ["--log-interval", "0"]), ("train", ["--lr", "-1e-3"]),
+    ("train", ["--weight-decay", "-0.1"]), ("train", ["--beta1", "1.0"]), ("train", ["--dropout", "1.5"]),
+    ("train", ["--n-embd", "30", "--n-head", "4"]), ("train", ["--min-lr", "1e-2", "--lr", "1e-3"]),
+    ("train", ["--text", "/nonexistent/corpus.txt"]), ("train", ["--grad-accum", "0"]),
+    ("sample", ["--top-p", "0"]), ("sample", ["--top-k", "0"]), ("sample", ["--temperature", "-1"]),
+    ("sample", ["--prompt", ""]), ("sample", ["--max-new-tokens", "0"]), ("sample", ["--output", ""]),
+    ("bench", ["--new-tokens", "0"]), ("bench", ["--n-embd", "30", "--n-head", "4"]),
+])
+def test_bad_flags_are_one_line_errors_at_parse_time(script, args, tmp_path, capsys):
+    """Refused by R.parse (before any data or checkpoint loads): exit 2 and one `error:` line."""
+    import importlib
+    from utils import run as R
+    mod = importlib.import_module(f"gpt.{script}")
+    with pytest.raises(SystemExit) as e:
+        R.parse(mod.Config, getattr(mod, "PRESETS", None), args=args + ["--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert args[0] in err  # refused for this flag, not for something else (e.g. the missing checkpoint)
+
+
+def test_presets_are_complete_configs():
+    """The dataclass defaults are the `default` preset; a flag equal to the default survives another preset."""
+    from utils import run as R
+    assert train.Config() == train.PRESETS["default"]
+    cfg = R.parse(train.Config, train.PRESETS, args=["--preset", "quick", "--n-layer", "6"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.preset) == (6, 128, "quick")  # n_layer 6 is the default; quick has 4
+    assert R.preset(train.PRESETS, "quick", n_layer=6).n_layer == 6
