@@ -156,20 +156,21 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  generator=None):
-        """Autoregressive sampling. With the KV cache each step feeds one token; once the text outgrows the
-        block size the cache is rebuilt from the last block_size // 2 tokens (the absolute position embeddings
-        must restart), so within the block size cached and uncached decoding are identical."""
+        """Autoregressive sampling. With the KV cache each step feeds one token. The cache is first filled from the
+        last block_size tokens (the window the uncached path sees), so cached and uncached decoding agree while the
+        text fits the block; once the cache is full it is rebuilt from the last block_size // 2 tokens (the
+        absolute position embeddings must restart), where the uncached path slides a block_size window."""
         bs = self.cfg.block_size
         caches = None
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _, _ = self(idx[:, -bs:])
+            elif caches is None or caches[0][0].size(2) >= bs:  # first fill, or a full cache: (re)fill from a window
+                window = bs if caches is None else max(1, bs // 2)  # -0 would slice the whole text
+                caches = [[None, None] for _ in self.blocks]
+                logits, _, _ = self(idx[:, -window:], caches=caches)
             else:
-                if caches is None or caches[0][0].size(2) >= bs:  # (re)fill the cache from a window
-                    caches = [[None, None] for _ in self.blocks]
-                    logits, _, _ = self(idx[:, -(bs // 2 if idx.size(1) >= bs else bs):], caches=caches)
-                else:
-                    logits, _, _ = self(idx[:, -1:], caches=caches)
+                logits, _, _ = self(idx[:, -1:], caches=caches)
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat([idx, idx_next], dim=1)
         return idx

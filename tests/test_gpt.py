@@ -66,6 +66,37 @@ def test_cached_equals_uncached_greedy():
     assert model.generate(prompt, 60, temperature=0).shape == (1, 65)  # past the block size too
 
 
+@pytest.mark.parametrize("prompt_len", [15, 16, 21])  # block size 16: bs - 1, bs, bs + 5
+def test_kv_cache_first_token_equals_uncached_for_long_prompts(prompt_len):
+    """The cache is filled from the last block_size tokens, the window the uncached path sees."""
+    model = tiny_model(block_size=16).eval()
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 20, (2, prompt_len))
+    ref = model(prompt[:, -16:])[0][:, -1]
+    seen = []
+    orig = model.forward
+
+    def spy(idx, *a, **kw):  # record the logits of the first forward pass generate() makes
+        out = orig(idx, *a, **kw)
+        seen.append(out[0][:, -1])
+        return out
+    model.forward = spy
+    model.generate(prompt, 1, temperature=0, use_cache=True)
+    assert torch.allclose(seen[0], ref, atol=1e-6, rtol=0)
+    a = model.generate(prompt, 1, temperature=0, use_cache=True)
+    assert torch.equal(a, model.generate(prompt, 1, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 15])
+def test_kv_cache_greedy_equals_uncached_within_block(prompt_len):
+    model = tiny_model(block_size=16).eval()
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 20, (3, prompt_len))
+    n = 16 - prompt_len  # prompt + new tokens <= block size
+    a = model.generate(prompt, n, temperature=0, use_cache=True)
+    assert a.shape == (3, 16) and torch.equal(a, model.generate(prompt, n, temperature=0, use_cache=False))
+
+
 def test_tiny_model_overfits_repeated_string():
     torch.manual_seed(0)
     model = tiny_model(vocab_size=5)
