@@ -153,3 +153,89 @@ def test_categorical_sampling_logprob_entropy_match_torch_distributions():
     assert torch.allclose(freq, ref.probs[0], atol=0.015)
     assert torch.allclose(logp[:8], ref.log_prob(a[:8]), atol=1e-6)
     assert torch.allclose(ent[0], ref.entropy()[0], atol=1e-6)
+
+
+def tiny(tmp_path, **kw):
+    """A run of a few updates on CartPole in a second or two."""
+    base = dict(out_dir=str(tmp_path), total_timesteps=512, num_envs=4, num_steps=32, minibatch_size=64,
+                update_epochs=2, eval_episodes=1)
+    return R.preset(train.PRESETS, "default", **{**base, **kw})
+
+
+def test_ratio_is_one_on_the_first_minibatch_with_obs_normalization(tmp_path):
+    """pi_theta / pi_theta_old = 1 before the first optimiser step of every update: the rollout's stored log-probs
+    and the update's must see the same observation statistics (they did not when obs_norm moved every step)."""
+    train.main(tiny(tmp_path, normalize_obs=True, normalize_reward=True))
+    devs = [r["losses/first_ratio_dev"] for r in R.read_jsonl(tmp_path / "metrics.jsonl") if "update" in r]
+    assert len(devs) == 4 and max(devs) < 1e-5, devs
+
+
+def same_state(a, b):
+    """Checkpoints a and b hold the same run state: weights, obs statistics, optimizer, reward statistics, RNG."""
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert all(torch.equal(a["reward_norm"][k], b["reward_norm"][k]) for k in a["reward_norm"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and torch.equal(a["rng"]["numpy"][1], b["rng"]["numpy"][1])
+    assert [a[k] for k in ("update", "step", "best_return", "recent")] == [b[k] for k in ("update", "step",
+                                                                                          "best_return", "recent")]
+
+
+def test_sigterm_saves_the_last_update_and_resume_restores_everything(tmp_path, monkeypatch, capsys):
+    """SIGTERM mid-update = Ctrl-C: ckpt.pt holds the run at the last finished update, bit-identical to a run that
+    stopped there; --resume restores weights, obs/reward statistics, optimizer, RNG and counters, and refuses
+    other settings."""
+    import signal
+    kw = dict(normalize_obs=True, normalize_reward=True, anneal_lr=False, anneal_clip=False, save_interval=1)
+    train.main(tiny(tmp_path / "straight", total_timesteps=256, **kw))  # 2 updates of 128 steps
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert straight["model"]["obs_norm.count"] > 200  # the statistics are in the checkpoint
+    calls, loss = [0], train.ppo_loss
+
+    def ppo_loss_then_sigterm(*a, **k):
+        calls[0] += 1
+        if calls[0] == 9:  # 4 minibatches per update: the first one of update 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*a, **k)
+    monkeypatch.setattr(train, "ppo_loss", ppo_loss_then_sigterm)
+    run = tmp_path / "killed"
+    s = train.main(tiny(run, total_timesteps=512, **kw))
+    monkeypatch.setattr(train, "ppo_loss", loss)
+    killed = torch.load(run / "ckpt.pt", weights_only=True)
+    assert s["updates"] == 2 and "interrupted" in capsys.readouterr().out
+    same_state(straight, killed)
+    # a resume that has nothing left to do saves back exactly what it loaded
+    train.main(tiny(tmp_path / "straight", total_timesteps=256, resume=True, **kw))
+    same_state(straight, torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True))
+    s = train.main(tiny(run, total_timesteps=512, resume=True, **kw))  # continues with updates 3 and 4
+    assert s["updates"] == 4 and s["env_steps"] == 512
+    assert [r["update"] for r in R.read_jsonl(run / "metrics.jsonl") if "update" in r] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny(run, total_timesteps=512, resume=True, **{**kw, "normalize_obs": False}))
+    assert e.value.code == 2 and "--normalize-obs" in capsys.readouterr().err
+
+
+def test_non_cpu_devices_and_torchrun_are_refused_with_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(R, "check_device", lambda name: None)  # as if this machine had a GPU
+    for dev in ("cuda", "mps"):
+        with pytest.raises(SystemExit) as e:
+            R.parse(train.Config, train.PRESETS, args=["--device", dev])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and "CPU only" in err and len(err.splitlines()) == 1
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny(tmp_path))
+    assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
+
+
+def test_paper_preset_without_mujoco_says_what_to_install(capsys):
+    import importlib.util
+    if importlib.util.find_spec("mujoco") is not None:
+        pytest.skip("mujoco is installed here")
+    with pytest.raises(SystemExit) as e:
+        R.parse(train.Config, train.PRESETS, args=["--preset", "paper"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and 'pip install "gymnasium[mujoco]"' in err and len(err.splitlines()) == 1, err
