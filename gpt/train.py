@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 4 gpt/train.py --preset paper
 """
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -101,7 +102,7 @@ def matmul_peak_flops(device, seconds=0.3):
     GEMMs are far from the peak), used as the MFU denominator."""
     n = 8192 if device.type == "cuda" else 1024
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a = b = torch.full((n, n), 0.5, device=device, dtype=dtype)  # values do not matter; the global RNG is left alone
     for _ in range(3):
         a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -125,11 +126,15 @@ def load_corpus(cfg):
     return tok, train, val
 
 
-def get_batch(split, B, T, g=None):
-    """Random windows: x = split[i : i+T], y = split[i+1 : i+T+1]."""
-    ix = torch.randint(len(split) - T - 1, (B,), generator=g)
+def windows(split, ix, T):
+    """The training pairs at offsets ix: x = split[i : i+T], y = split[i+1 : i+T+1], each (len(ix), T)."""
     offs = torch.arange(T)
     return split[ix[:, None] + offs], split[ix[:, None] + offs + 1]
+
+
+def get_batch(split, B, T, g=None):
+    """B random windows of length T."""
+    return windows(split, torch.randint(len(split) - T - 1, (B,), generator=g), T)
 
 
 @torch.no_grad()
@@ -148,11 +153,12 @@ def main(cfg: Config) -> dict:
     rank, world, device = R.ddp_setup(cfg.device)
     R.check(cfg.grad_accum % world == 0, f"--grad-accum {cfg.grad_accum} must be a multiple of {world} processes")
     accum, master = cfg.grad_accum // world, rank == 0
-    R.seed_everything(cfg.seed + rank)
+    R.seed_everything(cfg.seed + rank)  # dropout masks differ across ranks
     out = Path(cfg.out_dir)
     tok, train, val = load_corpus(cfg)
+    B, T = cfg.batch_size, cfg.block_size
 
-    mcfg = GPTConfig(vocab_size=len(tok.chars), block_size=cfg.block_size, n_layer=cfg.n_layer,
+    mcfg = GPTConfig(vocab_size=len(tok.chars), block_size=T, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     model = GPT(mcfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices and embeddings only
@@ -160,51 +166,72 @@ def main(cfg: Config) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=device.type in ("cuda", "cpu"))
-    it, best_val = 0, float("inf")
+    # the training windows of all ranks are drawn from one generator, the same on every rank; each takes its share
+    batch_rng = torch.Generator().manual_seed(cfg.seed)
+    it, best_val, evaluated = 0, float("inf"), {}
     if cfg.resume:
-        ckpt = R.load_checkpoint(out / "ckpt.pt", "gpt", device)
+        ckpt = R.load_checkpoint(out / "ckpt.pt", "gpt", device, keys=(
+            "model", "optimizer", "config", "vocab", "step", "best_val_loss", "rng", "batch_rng", "evaluated",
+            "world_size"))
+        R.check_resume(ckpt["config"], cfg, ignore=("max_iters", "eval_interval", "log_interval"))
+        R.check(ckpt["world_size"] == world, f"--resume under {world} process(es), but the checkpoint's run used "
+                f"{ckpt['world_size']}: the batch sequence would change")
         R.check(ckpt["vocab"] == tok.chars, "--resume: the checkpoint was trained on a different vocabulary")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        it, best_val = ckpt["step"], ckpt["best_val_loss"]
+        R.load_state(model, ckpt["model"], "model")
+        R.load_state(opt, ckpt["optimizer"], "optimizer state")
+        it, best_val, evaluated = ckpt["step"], ckpt["best_val_loss"], ckpt["evaluated"]
+        batch_rng.set_state(ckpt["batch_rng"])
     raw = model
     if cfg.compile:
         model = torch.compile(model)
     model = R.wrap_ddp(model, device)
 
     g = torch.Generator().manual_seed(1234)  # fixed evaluation batches, the same on every rank and every eval
-    eval_batches = {s: [get_batch(d, cfg.batch_size, cfg.block_size, g) for _ in range(cfg.eval_iters)]
+    eval_batches = {s: [get_batch(d, B, T, g) for _ in range(cfg.eval_iters)]
                     for s, d in (("train", train), ("val", val))}
     log = R.Logger(out, cfg, "papers-gpt", cfg.wandb, cfg.resume, enabled=master)
     peak = matmul_peak_flops(device)
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    tokens_per_iter = B * T * cfg.grad_accum
     if master:
         print(f"{raw.num_params() / 1e6:.2f}M params | vocab {mcfg.vocab_size} | {len(train):,} train chars | "
               f"{tokens_per_iter} tokens/iter | world {world} | {device} | matmul peak {peak / 1e9:.1f} GFLOP/s")
 
+    def snapshot():  # every RNG as it is at the start of iteration `it`: what a checkpoint stores
+        return {"rng": R.rng_state(), "batch_rng": batch_rng.get_state()}
+
     def checkpoint(path):
         R.save_checkpoint({"kind": "gpt", "model": raw.state_dict(), "model_config": asdict(mcfg),
                            "config": asdict(cfg), "vocab": tok.chars, "step": it, "optimizer": opt.state_dict(),
-                           "best_val_loss": best_val}, path)
+                           "best_val_loss": best_val, "evaluated": evaluated, "world_size": world, **rng}, path)
 
-    t_start = time.time()
-    t_train, iters_timed, losses = 0.0, 0, {}
+    if cfg.resume:  # last, after everything that draws random numbers while setting up
+        R.set_rng_state(ckpt["rng"])  # rank 0's; the other ranks draw fresh dropout masks
+        if rank > 0:
+            R.seed_everything(cfg.seed + rank + 7919 * it)
+    old_sigterm = signal.getsignal(signal.SIGTERM)
+    R.sigterm_as_interrupt()
+    rng, t_start = snapshot(), time.time()
+    t_train, iters_timed = 0.0, 0
     try:
-        while it < cfg.max_iters:
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters - 1:
-                losses = estimate_loss(raw, eval_batches, device)
+        while True:
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and evaluated.get("iter") != it:
+                evaluated = {"iter": it, **estimate_loss(raw, eval_batches, device)}
                 if master:
-                    log.log({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}, step=it,
-                            echo=f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    if losses["val"] < best_val:
-                        best_val = losses["val"]
+                    log.log({"iter": it, "train_loss": evaluated["train"], "val_loss": evaluated["val"]}, step=it,
+                            echo=f"iter {it}: train loss {evaluated['train']:.4f}, val loss {evaluated['val']:.4f}")
+                    if evaluated["val"] < best_val:  # the model is chosen on the validation split
+                        best_val = evaluated["val"]
                         checkpoint(out / "best.pt")
+                    checkpoint(out / "ckpt.pt")
+            if it >= cfg.max_iters:
+                break
             t0 = time.perf_counter()
             lr = lr_at(it, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
+            ix = torch.randint(len(train) - T - 1, (world, accum, B), generator=batch_rng)[rank]  # this rank's share
             for micro in range(accum):
-                x, y = get_batch(train, cfg.batch_size, cfg.block_size)
+                x, y = windows(train, ix[micro], T)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == accum - 1 or not hasattr(model, "no_sync")
                 with (nullcontext() if sync else model.no_sync()), R.autocast(device):
@@ -215,6 +242,7 @@ def main(cfg: Config) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             it += 1
+            rng = snapshot()
             dt = time.perf_counter() - t0
             t_train, iters_timed = t_train + dt, iters_timed + 1
             if it % cfg.log_interval == 0 and master:
@@ -223,25 +251,24 @@ def main(cfg: Config) -> dict:
                 log.log({"iter": it, "loss": loss.item(), "lr": lr, "ms_per_iter": 1000 * dt, "tokens_per_s": tps,
                          "mfu": mfu}, step=it, echo=f"iter {it} | loss {loss.item():.4f} | lr {lr:.2e} | "
                          f"{1000 * dt:.0f} ms/iter | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
-        losses = estimate_loss(raw, eval_batches, device)
-        if master and losses["val"] < best_val:
-            best_val = losses["val"]
-            checkpoint(out / "best.pt")
     except KeyboardInterrupt:
         if master:
             print(f"interrupted at iter {it}: saving {out / 'ckpt.pt'} (continue with --resume)")
+    finally:
+        signal.signal(signal.SIGTERM, old_sigterm)
     tps = tokens_per_iter * iters_timed / max(t_train, 1e-9)
-    summary = {"val_loss": losses.get("val"), "val_bpc": losses["val"] / math.log(2) if losses else None,
-               "train_loss": losses.get("train"), "best_val_loss": best_val, "iters": it,
-               "wall_s": round(time.time() - t_start, 1), "tokens_per_s": round(tps, 1),
+    val_loss = evaluated.get("val")
+    summary = {"val_loss": val_loss, "val_bpc": None if val_loss is None else val_loss / math.log(2),
+               "train_loss": evaluated.get("train"), "eval_iter": evaluated.get("iter"), "best_val_loss": best_val,
+               "iters": it, "wall_s": round(time.time() - t_start, 1), "tokens_per_s": round(tps, 1),
                "mfu": raw.flops_per_token() * tps / (peak * world), "matmul_peak_flops": peak,
                "params": raw.num_params(), "world_size": world, "device": str(device)}
     if master:
         checkpoint(out / "ckpt.pt")
         R.write_json(out / "summary.json", summary)
-        if losses:
-            print(f"done: val loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc) in {summary['wall_s']} s, "
-                  f"{tps:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}% -> {out}")
+        if val_loss is not None:
+            print(f"done: val loss {val_loss:.4f} ({summary['val_bpc']:.3f} bpc) at iter {evaluated['iter']} in "
+                  f"{summary['wall_s']} s, {tps:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}% -> {out}")
     log.close()
     R.ddp_cleanup()
     return summary
