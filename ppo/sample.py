@@ -3,14 +3,17 @@
     python ppo/sample.py --out-dir out/ppo                  # 20 deterministic episodes + episode.gif
     python ppo/sample.py --out-dir out/ppo --render human    # watch it (needs a display)
 """
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from ppo.model import ActorCritic
-from ppo.train import evaluate
+from ppo.train import check_env, evaluate
 from utils import plot as P
 from utils import run as R
 
@@ -20,28 +23,43 @@ class Config:
     out_dir: str = "out/ppo"
     """training output folder: ckpt.pt is loaded from it, eval.json and episode.gif written to it"""
     ckpt: str | None = None
+    """another checkpoint file (default: out_dir/ckpt.pt)"""
     env: str | None = None
     """defaults to the checkpoint's env; another id is refused"""
     episodes: int = 20
     stochastic: bool = False
     """sample actions instead of taking the mode"""
-    render: str = "gif"
-    """gif | human | none"""
+    render: Literal["gif", "human", "none"] = "gif"
+    """gif: episode.gif; human: a window (needs a display); none"""
     gif_scale: float = 0.5
     """frame size factor for the GIF (keeps it small)"""
     seed: int = 0
 
+    def check(self):
+        R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
+        R.check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        R.file_exists(self.ckpt or Path(self.out_dir) / "ckpt.pt", "checkpoint (train first, or pass --ckpt)")
+        if self.env is not None:
+            check_env(self.env)
+        R.between(self, "episodes", 1, 10_000)
+        R.between(self, "gif_scale", 0, 4, lo_open=True)
+        R.nonnegative(self, "seed")
+        R.check(self.render != "human" or sys.platform != "linux" or "DISPLAY" in os.environ
+                or "WAYLAND_DISPLAY" in os.environ, "--render human needs a display (none here); use gif")
+
 
 def load_agent(path):
-    ckpt = R.load_checkpoint(path, "ppo")
-    agent = ActorCritic(**ckpt["model_config"])
-    agent.load_state_dict(ckpt["model"])
+    ckpt = R.load_checkpoint(path, "ppo", keys=("model", "model_config", "env", "step"))
+    try:
+        agent = ActorCritic(**ckpt["model_config"])
+    except TypeError as e:
+        R.die(f"{path}: its model_config does not fit this code ({e})")
+    R.load_state(agent, ckpt["model"], "model")
     return agent.eval(), ckpt
 
 
 def main(cfg: Config) -> dict:
-    R.check(cfg.episodes > 0, "--episodes must be positive")
-    R.check(cfg.render in ("gif", "human", "none"), "--render must be gif, human or none")
+    R.validate(cfg)
     out = Path(cfg.out_dir)
     agent, ckpt = load_agent(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt")
     env_id = cfg.env or ckpt["env"]

@@ -4,7 +4,6 @@
     python ppo/train.py --preset pendulum               # Pendulum-v1 (continuous actions)
     python ppo/train.py --env MountainCar-v0 --total-timesteps 500000
 """
-import copy
 import importlib.util
 import os
 import time
@@ -158,6 +157,15 @@ def evaluate(agent, env_id, episodes, seed, deterministic=True, render_mode=None
     return returns, lengths, frames
 
 
+def clone(x):
+    """A copy of the tensors in nested dicts and lists (the rest is immutable or rebuilt by state_dict())."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: clone(v) for k, v in x.items()}
+    return [clone(v) for v in x] if isinstance(x, list) else x
+
+
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     R.check(not R.launched_by_torchrun(), "PPO runs in one process: start it with python, not torchrun")
@@ -191,8 +199,9 @@ def main(cfg: Config) -> dict:
                         shared=cfg.shared, normalize_obs=cfg.normalize_obs)
 
     def snapshot():
-        """The run at an update boundary: what ckpt.pt holds (a Ctrl-C mid-update saves the last boundary)."""
-        return copy.deepcopy({
+        """The run at an update boundary: what ckpt.pt holds (a Ctrl-C mid-update saves the last boundary). Tensors
+        are cloned, not deep-copied: ~1 ms per update here, against ~5 ms for copy.deepcopy."""
+        return clone({
             "kind": "ppo", "env": cfg.env, "model": agent.state_dict(), "model_config": model_config,
             "config": asdict(cfg), "update": update, "step": global_step, "optimizer": opt.state_dict(),
             "reward_norm": ret_norm.state_dict(), "rng": R.rng_state(), "best_return": best, "recent": recent[-20:],

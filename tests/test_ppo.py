@@ -239,3 +239,23 @@ def test_paper_preset_without_mujoco_says_what_to_install(capsys):
         R.parse(train.Config, train.PRESETS, args=["--preset", "paper"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and 'pip install "gymnasium[mujoco]"' in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("script,args", [
+    ("train", ["--threads", "0"]), ("train", ["--minibatch-size", "1000"]), ("train", ["--hidden", "100000"]),
+    ("train", ["--max-grad-norm", "0"]), ("train", ["--env", "NoSuchEnv-v9"]),
+    ("sample", ["--episodes", "0"]), ("sample", ["--gif-scale", "0"]), ("sample", ["--ckpt", "/nonexistent/c.pt"]),
+    ("sample", ["--render", "human"]), ("sample", ["--env", "NoSuchEnv-v9"]),
+    ("bench", ["--seeds", "-1"]), ("bench", ["--seeds", "1", "1"]), ("bench", ["--total-timesteps", "0"]),
+    ("bench", ["--eval-episodes", "0"]),
+])
+def test_every_script_refuses_bad_values_at_parse_time(script, args, tmp_path, monkeypatch, capsys):
+    from ppo import bench
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    mod = {"train": train, "sample": sample, "bench": bench}[script]
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # sample's default checkpoint exists (it is read only later)
+    with pytest.raises(SystemExit) as e:
+        R.parse(mod.Config, getattr(mod, "PRESETS", None), args=["--out-dir", str(tmp_path)] + args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
