@@ -36,7 +36,7 @@ class Config(R.RunConfig):
     batch_size: int = 32
     """sequences per micro-batch on each process"""
     grad_accum: int = 1
-    """micro-batches per optimizer step, summed over all processes (divided by the world size under DDP)"""
+    """micro-batches per optimizer step on each process: a step sees world x grad_accum x batch_size sequences"""
     max_iters: int = 2500
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -151,8 +151,7 @@ def estimate_loss(model, batches, device):
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     rank, world, device = R.ddp_setup(cfg.device)
-    R.check(cfg.grad_accum % world == 0, f"--grad-accum {cfg.grad_accum} must be a multiple of {world} processes")
-    accum, master = cfg.grad_accum // world, rank == 0
+    accum, master = cfg.grad_accum, rank == 0  # per process: N processes make the global batch N times larger
     R.seed_everything(cfg.seed + rank)  # dropout masks differ across ranks
     out = Path(cfg.out_dir)
     tok, train, val = load_corpus(cfg)
@@ -191,7 +190,7 @@ def main(cfg: Config) -> dict:
                     for s, d in (("train", train), ("val", val))}
     log = R.Logger(out, cfg, "papers-gpt", cfg.wandb, cfg.resume, enabled=master)
     peak = matmul_peak_flops(device)
-    tokens_per_iter = B * T * cfg.grad_accum
+    tokens_per_iter = world * accum * B * T  # the global batch of one optimizer step
     if master:
         print(f"{raw.num_params() / 1e6:.2f}M params | vocab {mcfg.vocab_size} | {len(train):,} train chars | "
               f"{tokens_per_iter} tokens/iter | world {world} | {device} | matmul peak {peak / 1e9:.1f} GFLOP/s")
