@@ -78,8 +78,6 @@ class Config(R.RunConfig):
         R.check(self.num_envs <= 1024 and self.hidden <= 4096 and self.threads <= 256,
                 "--num-envs <= 1024, --hidden <= 4096 and --threads <= 256")
         R.check(self.num_envs * self.num_steps <= 2 ** 22, "--num-envs x --num-steps (the rollout) must be <= 2**22")
-        R.check(self.minibatch_size <= self.num_envs * self.num_steps, f"--minibatch-size {self.minibatch_size} "
-                f"is larger than the rollout (--num-envs x --num-steps = {self.num_envs * self.num_steps})")
         R.check(self.eval_episodes <= 10_000, "--eval-episodes must be <= 10000")
 
 
@@ -104,14 +102,15 @@ PRESETS = {
 EXTRAS = {"gymnasium.envs.mujoco": ("mujoco", "mujoco"), "gymnasium.envs.box2d": ("Box2D", "box2d")}
 
 
-def check_env(env_id):
-    """A registered gymnasium id whose simulator is installed, checked before anything runs."""
+def check_env(env_id, installed=False):
+    """A registered gymnasium id (at parse time); with `installed`, also that its simulator is importable (at the
+    start of a run: a preset naming a MuJoCo env is a valid config on a machine without MuJoCo)."""
     R.check(bool(env_id.strip()), "--env must not be empty")
     try:
         entry = str(gym.spec(env_id).entry_point)
     except gym.error.Error as e:
         R.die(f"unknown env '{env_id}': {e}")
-    for prefix, (module, extra) in EXTRAS.items():
+    for prefix, (module, extra) in EXTRAS.items() if installed else ():
         R.check(not entry.startswith(prefix) or importlib.util.find_spec(module) is not None,
                 f'{env_id} needs {extra}, which requirements.txt does not install: pip install "gymnasium[{extra}]"')
 
@@ -169,6 +168,7 @@ def clone(x):
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     R.check(not R.launched_by_torchrun(), "PPO runs in one process: start it with python, not torchrun")
+    check_env(cfg.env, installed=True)
     torch.set_num_threads(cfg.threads)
     R.seed_everything(cfg.seed)
     obs_dim, act_dim, continuous = env_spaces(make_env(cfg.env))  # fails fast, with one line, on a bad env

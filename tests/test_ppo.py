@@ -231,18 +231,20 @@ def test_non_cpu_devices_and_torchrun_are_refused_with_one_line(monkeypatch, cap
     assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
 
 
-def test_paper_preset_without_mujoco_says_what_to_install(capsys):
+def test_paper_preset_without_mujoco_says_what_to_install(tmp_path, capsys):
     import importlib.util
     if importlib.util.find_spec("mujoco") is not None:
         pytest.skip("mujoco is installed here")
+    cfg = R.parse(train.Config, train.PRESETS, args=["--preset", "paper", "--out-dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit) as e:
-        R.parse(train.Config, train.PRESETS, args=["--preset", "paper"])
+        train.main(cfg)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and 'pip install "gymnasium[mujoco]"' in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()  # refused before anything ran
 
 
 @pytest.mark.parametrize("script,args", [
-    ("train", ["--threads", "0"]), ("train", ["--minibatch-size", "1000"]), ("train", ["--hidden", "100000"]),
+    ("train", ["--threads", "0"]), ("train", ["--num-steps", "1000000"]), ("train", ["--hidden", "100000"]),
     ("train", ["--max-grad-norm", "0"]), ("train", ["--env", "NoSuchEnv-v9"]),
     ("sample", ["--episodes", "0"]), ("sample", ["--gif-scale", "0"]), ("sample", ["--ckpt", "/nonexistent/c.pt"]),
     ("sample", ["--render", "human"]), ("sample", ["--env", "NoSuchEnv-v9"]),
