@@ -19,7 +19,7 @@ class Config:
     ckpt: str | None = None
     """an explicit checkpoint path instead"""
     output: str | None = None
-    """where the samples go (default: <out_dir>/generated.txt)"""
+    """where the samples go, in an existing folder (default: <out_dir>/generated.txt)"""
     num_samples: int = 20
     max_new_tokens: int = 500
     prompt: str = "\n"
@@ -48,6 +48,8 @@ class Config:
         R.check(len(self.prompt) > 0, "--prompt must not be empty")
         R.check(self.output is None or (self.output.strip() and not Path(self.output).is_dir()),
                 f"--output {self.output!r} must name a file")
+        R.check(self.output is None or Path(self.output).parent.is_dir(),
+                f"--output {self.output}: the folder {Path(self.output or '.').parent} does not exist")
         R.check_device(self.device)
         path = self.checkpoint_path()
         R.check(path.is_file(), f"no checkpoint at {path} (train first, or pass the right --out-dir / --ckpt)")
@@ -80,7 +82,6 @@ def main(cfg: Config) -> dict:
     tps = cfg.num_samples * cfg.max_new_tokens / dt
     dest = Path(cfg.output) if cfg.output else out / "generated.txt"
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text("".join(f"################ SAMPLE {i} ################\n{s}\n" for i, s in enumerate(samples)))
     except OSError as e:
         R.die(f"cannot write {dest}: {e.strerror}")

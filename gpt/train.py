@@ -65,6 +65,8 @@ class Config(R.RunConfig):
         R.between(self, "beta1", 0, 1, hi_open=True)
         R.between(self, "beta2", 0, 1, hi_open=True)
         R.file_exists(self.text, "--text file")
+        R.check(not self.resume or (Path(self.out_dir) / "ckpt.pt").is_file(),
+                f"--resume: no checkpoint at {Path(self.out_dir) / 'ckpt.pt'}")
         # sizes that would exhaust memory long before anything useful happens
         R.check(self.n_layer <= 1024 and self.n_embd <= 65536 and self.block_size <= 65536,
                 "--n-layer <= 1024, --n-embd <= 65536 and --block-size <= 65536")

@@ -211,9 +211,10 @@ def test_sigterm_saves_like_ctrl_c_and_resume_continues(tmp_path, text_file):
     ("train", ["--eval-interval", "0"]), ("train", ["--log-interval", "0"]), ("train", ["--lr", "-1e-3"]),
     ("train", ["--weight-decay", "-0.1"]), ("train", ["--beta1", "1.0"]), ("train", ["--dropout", "1.5"]),
     ("train", ["--n-embd", "30", "--n-head", "4"]), ("train", ["--min-lr", "1e-2", "--lr", "1e-3"]),
-    ("train", ["--text", "/nonexistent/corpus.txt"]), ("train", ["--grad-accum", "0"]),
+    ("train", ["--text", "/nonexistent/corpus.txt"]), ("train", ["--grad-accum", "0"]), ("train", ["--resume"]),
     ("sample", ["--top-p", "0"]), ("sample", ["--top-k", "0"]), ("sample", ["--temperature", "-1"]),
     ("sample", ["--prompt", ""]), ("sample", ["--max-new-tokens", "0"]), ("sample", ["--output", ""]),
+    ("sample", ["--output", "/nonexistent/dir/x.txt"]),
     ("bench", ["--new-tokens", "0"]), ("bench", ["--n-embd", "30", "--n-head", "4"]),
 ])
 def test_bad_flags_are_one_line_errors_at_parse_time(script, args, tmp_path, capsys):
