@@ -280,9 +280,11 @@ class RealNVP(nn.Module):
         return (x + u) / 256.0, log_q
 
     def bits_per_dim(self, x_uint8):
-        """-log2 P(x) / D for 8-bit images, a bound through dequantization (Theis et al. 2016; Flow++ Eq. 12):
+        """An upper bound on -log2 P(x) / D for 8-bit images, through dequantization (Theis et al. 2016; Flow++ Eq. 12):
         log P(x) >= E_q[log p_cont((x + u) / 256) - log q(u | x)] - D log 256,
-        where p_cont is the density on [0, 1]^D and the last term converts it to the 256-level grid."""
+        where p_cont is the density on [0, 1]^D and the last term converts it to the 256-level grid.
+        Returns one draw of u per image: an unbiased estimate of that bound (not the exact likelihood), whose
+        spread over u nf/sample.py measures."""
         x, log_q = self.dequantize(x_uint8)
         D = x[0].numel()
         log_px = self.log_prob(x) - log_q - D * math.log(256.0)

@@ -1,7 +1,8 @@
-"""Train Real NVP by maximum likelihood; report bits per dimension.
+"""Train Real NVP by maximum likelihood; report bits per dimension (the dequantization bound, see
+RealNVP.bits_per_dim), estimated on a validation split during training and on the test set once, at the end.
 
-    python nf/train.py --preset quick              # ~3 min on a laptop CPU
-    python nf/train.py --preset default            # the CPU quality run
+    python nf/train.py --preset quick              # ~3 min on a 2-core CPU
+    python nf/train.py                             # the default preset: the CPU quality run (~1.7 h)
     python nf/train.py --preset seed               # 30 couplings at one scale, as the seed had it
 """
 import math
@@ -39,11 +40,15 @@ class Config(R.ImageRunConfig):
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 5e-5
-    """L2 on the weights, as the paper (5e-5)"""
+    """Adam's L2 term on every parameter, ActNorm's log-scale and the couplings' scale included (the paper puts
+    5e-5 on the weight-norm scale parameters only)"""
     grad_clip: float = 100.0
+    val_size: int = 2000
+    """training images held out for the periodic estimates (0: none); the test set is scored once, at the end"""
     eval_interval: int = 1000
+    """validation estimate, sample grid and ckpt.pt every this many steps"""
     eval_batches: int = 4
-    """test batches in each periodic estimate (the final number uses the whole test set)"""
+    """validation batches of 500 in each periodic estimate"""
     log_interval: int = 100
     cpu_bf16: bool | None = None
     """bf16 autocast for the s/t networks on the CPU too; None: on when the CPU has AMX or AVX512-BF16 (always on
@@ -53,7 +58,8 @@ class Config(R.ImageRunConfig):
     def check(self):
         super().check()
         R.positive(self, "hidden", "steps", "lr", "grad_clip", "eval_interval", "eval_batches", "log_interval")
-        R.nonnegative(self, "num_scales", "final_couplings", "num_blocks", "single_scale", "warmup", "weight_decay")
+        R.nonnegative(self, "num_scales", "final_couplings", "num_blocks", "single_scale", "warmup", "weight_decay",
+                      "val_size")
         R.check(self.batch_size >= 2, f"--batch-size must be at least 2, got {self.batch_size}")
         R.check(self.lr <= 1, f"--lr {self.lr} is far too large for Adam (at most 1)")
         R.check(self.hidden <= 1024 and self.num_blocks <= 64 and self.batch_size <= 65536,
@@ -85,8 +91,11 @@ def lr_at(step, cfg):
 
 
 @torch.no_grad()
-def test_bpd(model, x, device, batch_size=500, max_batches=None):
-    """Mean bits/dim over (a prefix of) the test set, in eval mode (running statistics)."""
+def eval_bpd(model, x, device, batch_size=500, max_batches=None):
+    """Mean bits/dim over (the first max_batches batches of) x, in eval mode: the s/t networks' and the
+    dequantizer's BatchNorm use running statistics. One draw of u per image, so with variational dequantization
+    this is a one-sample estimate of the bound in RealNVP.bits_per_dim. The model's mode is restored."""
+    was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for i, start in enumerate(range(0, len(x), batch_size)):
@@ -95,7 +104,7 @@ def test_bpd(model, x, device, batch_size=500, max_batches=None):
         xb = x[start:start + batch_size].to(device)
         total += model.bits_per_dim(xb).sum().item()
         n += len(xb)
-    model.train()
+    model.train(was_training)
     return total / n
 
 
@@ -106,31 +115,41 @@ def main(cfg: Config) -> dict:
     R.seed_everything(cfg.seed)
     c, size, _ = D.dataset_info(cfg.dataset)
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
+    train_idx, val_idx = D.val_split(len(xtr), cfg.val_size)  # the same slice for every seed
+    xtr, xval = xtr[train_idx], xtr[val_idx]
     xte, _ = D.load_images(cfg.dataset, "test", cfg.data_dir)
+    batches_per_epoch = len(D.shuffled_batches(len(xtr), cfg.batch_size, 0, cfg.seed))  # exits 2 if none
     mcfg = FlowConfig(in_chans=c, image_size=size, num_scales=cfg.num_scales, final_couplings=cfg.final_couplings,
                       hidden=cfg.hidden, num_blocks=cfg.num_blocks, norm=cfg.norm, dequant=cfg.dequant,
                       single_scale=cfg.single_scale)
     model = RealNVP(mcfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(cfg.out_dir)
-    step = 0
+    step, t_train, seen, val = 0, 0.0, 0, None
     if cfg.resume:
-        ckpt = R.load_checkpoint(out / "ckpt.pt", "nf", device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        ckpt = R.load_checkpoint(out / "ckpt.pt", "nf", device, keys=("model", "optimizer", "config", "step", "rng"))
+        R.check_resume(ckpt["config"], cfg, ignore=("steps", "eval_interval", "eval_batches", "log_interval"))
+        R.load_state(model, ckpt["model"], "model")
+        R.load_state(opt, ckpt["optimizer"], "optimizer state")
+        step, t_train, seen, val = ckpt["step"], ckpt.get("train_s", 0.0), ckpt.get("images", 0), ckpt.get("val_bpd")
+        R.set_rng_state(ckpt["rng"])
+        if step >= cfg.steps and "summary" in ckpt:  # finished: leave summary.json as it is
+            print(f"{out / 'ckpt.pt'} has finished its {step} steps; nothing to do (raise --steps to train on)")
+            return ckpt["summary"]
     log = R.Logger(out, cfg, "papers-nf", cfg.wandb, cfg.resume)
-    print(f"Real NVP {num_params(model) / 1e6:.2f}M params | {cfg.dataset} {len(xtr)}/{len(xte)} | {device}"
-          f"{' bf16' if device.type == 'cuda' or cfg.cpu_bf16 else ''}")
+    print(f"Real NVP {num_params(model) / 1e6:.2f}M params | {cfg.dataset} {len(xtr)} train / {len(xval)} val / "
+          f"{len(xte)} test | {device}{' bf16' if device.type == 'cuda' or cfg.cpu_bf16 else ''}")
 
-    def checkpoint():
+    def checkpoint(summary=None):
         R.save_checkpoint({"kind": "nf", "model": model.state_dict(), "model_config": asdict(mcfg),
-                           "config": asdict(cfg), "dataset": cfg.dataset, "step": step,
-                           "optimizer": opt.state_dict()}, out / "ckpt.pt")
+                           "config": asdict(cfg), "dataset": cfg.dataset, "step": step, "optimizer": opt.state_dict(),
+                           "rng": R.rng_state(), "train_s": t_train, "images": seen, "val_bpd": val,
+                           **({"summary": summary} if summary else {})}, out / "ckpt.pt")
 
-    t_start, t_train, seen = time.time(), 0.0, 0
-    epoch = step * cfg.batch_size // len(xtr)
-    batches = iter(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed))
+    R.sigterm_as_interrupt()
+    t_start = time.time()
+    epoch, done = divmod(step, batches_per_epoch)  # continue inside the epoch where the run stopped
+    batches = iter(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed)[done:])
     bar = R.progress(None, total=cfg.steps, initial=step, desc="train", mininterval=2)
     try:
         while step < cfg.steps:
@@ -158,23 +177,30 @@ def main(cfg: Config) -> dict:
                          "images_per_s": seen / t_train}, step=step)
                 bar.set_postfix(bpd=f"{bpd.item():.3f}")
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                tb = test_bpd(model, xte, device, max_batches=cfg.eval_batches)
-                log.log({"step": step, "test_bpd_estimate": tb}, step=step,
-                        echo=f"step {step} | train bpd {bpd.item():.3f} | test bpd (first {cfg.eval_batches * 500}) {tb:.3f}")
+                msg = f"step {step} | train bpd {bpd.item():.3f}"
+                if len(xval):  # monitoring only: nothing is selected on it (the last step is the model)
+                    val = eval_bpd(model, xval, device, max_batches=cfg.eval_batches)
+                    log.log({"step": step, "val_bpd": val}, step=step)
+                    msg += f" | val bpd {val:.3f} (first {min(len(xval), cfg.eval_batches * 500)} val images)"
+                print(msg)
                 model.eval()
                 P.save_grid(model.sample(64, 0.7)[0], out / f"samples_step{step}.png", nrow=8)
                 model.train()
-                if step < cfg.steps:  # the last one is written once, after the loop
-                    checkpoint()
+                checkpoint()
     except KeyboardInterrupt:
-        print(f"interrupted at step {step}: saving {out / 'ckpt.pt'} (continue with --resume)")
+        bar.close()
+        checkpoint()
+        log.close()
+        print(f"interrupted at step {step}: saved {out / 'ckpt.pt'} (continue with --resume)")
+        return {"steps": step, "interrupted": True}
     bar.close()
-    checkpoint()
     t_eval = time.perf_counter()
-    final = test_bpd(model, xte, device)
-    summary = {"test_bpd": final, "dataset": cfg.dataset, "steps": step, "params": num_params(model),
-               "wall_s": round(time.time() - t_start, 1), "images_per_s": round(seen / max(t_train, 1e-9), 1),
-               "eval_s": round(time.perf_counter() - t_eval, 1), "device": str(device)}
+    final = eval_bpd(model, xte, device)  # the one use of the test set
+    summary = {"test_bpd": final, "val_bpd": val, "dataset": cfg.dataset, "steps": step, "params": num_params(model),
+               "wall_s": round(time.time() - t_start, 1), "train_s": round(t_train, 1),
+               "images_per_s": round(seen / max(t_train, 1e-9), 1), "eval_s": round(time.perf_counter() - t_eval, 1),
+               "device": str(device)}
+    checkpoint(summary)
     R.write_json(out / "summary.json", summary)
     log.log({"step": step, "test_bpd": final}, step=step)
     log.close()

@@ -7,13 +7,16 @@ import sys
 import pytest
 import torch
 
-from nf import train
-from nf.model import (ActNorm, AffineCoupling, BatchNormFlow, FlowConfig, Logit, RealNVP, Squeeze)
+from torch.distributions import Normal, SigmoidTransform, TransformedDistribution
+
+from nf import sample, train
+from nf.model import (ActNorm, AffineCoupling, BatchNormFlow, FlowConfig, Logit, RealNVP, Squeeze,
+                      VariationalDequantizer)
 from utils import run as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="synthetic", hidden=8, num_blocks=1, final_couplings=2, batch_size=32, device="cpu",
-            eval_interval=40, eval_batches=1, log_interval=10, cpu_bf16=False)
+            eval_interval=40, eval_batches=1, log_interval=10, cpu_bf16=False, val_size=64)
 
 
 def tiny(out, **kw):
@@ -137,3 +140,109 @@ def test_bad_input_exits_2(tmp_path):
         with pytest.raises(SystemExit) as e:
             train.main(cfg)
         assert e.value.code == 2
+
+
+def test_variational_log_q_is_the_change_of_variables_density():
+    """log q(u|x) against torch.distributions: u = sigmoid(h), h ~ N(mu(x), sigma(x)^2), so q is a logit-normal
+    density. A sign error in any Jacobian term would lower the bits/dim bound and fail here."""
+    torch.manual_seed(0)
+    deq = VariationalDequantizer(1, 8)
+    for p in deq.parameters():  # the output layer starts at zero (mu = 0, sigma = 1): make both non-trivial
+        torch.nn.init.normal_(p, std=0.3)
+    deq.eval()
+    x01 = torch.randint(0, 256, (3, 1, 4, 4)).float() / 255
+    u, log_q = deq(x01)
+    mu, s = deq.net(x01 * 2 - 1).chunk(2, dim=1)
+    sigma = torch.tanh(s).exp()
+    assert (sigma - 1).abs().mean() > 0.1 and mu.abs().mean() > 0.1
+    q = TransformedDistribution(Normal(mu.double(), sigma.double()), [SigmoidTransform()])
+    assert torch.allclose(log_q.double(), q.log_prob(u.double()).flatten(1).sum(1), atol=1e-3)
+
+
+@pytest.mark.parametrize("dequant", ["uniform", "variational"])
+def test_sample_quantizes_with_the_models_bins(dequant):
+    """The model puts pixel k at (k + u) / 256, u in [0, 1): sample.py's 8-bit images must give k back."""
+    torch.manual_seed(0)
+    model = RealNVP(FlowConfig(image_size=16, hidden=8, num_blocks=1, dequant=dequant))
+    x8 = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    x, _ = model.dequantize(x8)
+    assert torch.equal(sample.to_uint8(x), x8)
+    assert sample.to_uint8(torch.tensor([0.0, 1.0])).tolist() == [0, 255]  # sample() clamps to [0, 1]
+
+
+@pytest.mark.parametrize("mod,args", [(train, ["--log-interval", "0"]), (train, ["--eval-interval", "0"]),
+                                      (train, ["--eval-batches", "0"]), (train, ["--val-size", "-1"]),
+                                      (sample, ["--num-test", "0"]), (sample, ["--interp-steps", "0"])])
+def test_bad_flags_are_refused_at_parse_time(mod, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        R.parse(mod.Config, getattr(mod, "PRESETS", None), args=args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_explicit_value_equal_to_the_default_survives_a_preset():
+    assert train.Config() == train.PRESETS["default"]
+    assert R.parse(train.Config, train.PRESETS, args=["--preset", "quick", "--hidden", "64"]).hidden == 64
+    assert R.preset(train.PRESETS, "quick", dequant="variational").dequant == "variational"
+
+
+def test_batch_larger_than_the_training_set_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # was an endless loop
+        train.main(tiny(tmp_path, batch_size=2048, val_size=0))
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
+
+
+def test_test_set_is_used_once_at_the_end(tmp_path, monkeypatch):
+    """Periodic estimates run on the validation split; the test images are scored once, after training."""
+    from utils import data as D
+    load = D.load_images
+    xte = load("synthetic", "test")[0]
+    monkeypatch.setattr(D, "load_images", lambda name, split, data_dir=None: (
+        (xte, None) if split == "test" else load(name, split, data_dir)))
+    calls, real = [], RealNVP.bits_per_dim
+    monkeypatch.setattr(RealNVP, "bits_per_dim", lambda self, x: calls.append(
+        x.untyped_storage().data_ptr() == xte.untyped_storage().data_ptr()) or real(self, x))
+    train.main(tiny(tmp_path, steps=6, eval_interval=3))
+    assert sum(calls) == 1
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nf") / "run"
+    train.main(tiny(out, steps=6, eval_interval=3))
+    return out
+
+
+def test_resume_of_a_finished_run_keeps_its_summary(finished):
+    before = (finished / "summary.json").read_text()
+    s = train.main(tiny(finished, steps=6, eval_interval=3, resume=True))
+    assert (finished / "summary.json").read_text() == before and s == json.loads(before)
+
+
+def test_resume_with_other_architecture_names_the_field(finished, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny(finished, steps=6, eval_interval=3, resume=True, hidden=16))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and "--hidden" in err and len(err.splitlines()) == 1
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """Ctrl-C at step 6 (inside the second epoch of 4 batches), then --resume to step 10: the same weights and
+    optimizer state as 10 steps in one go (same batches, same dequantization noise, same schedule)."""
+    kw = dict(steps=10, eval_interval=10, val_size=960, batch_size=16)  # 64 training images: 4 batches an epoch
+    train.main(tiny(tmp_path / "a", **kw))
+    real = train.lr_at
+
+    def interrupt(step, cfg):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(step, cfg)
+    monkeypatch.setattr(train, "lr_at", interrupt)
+    train.main(tiny(tmp_path / "b", **kw))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(train, "lr_at", real)
+    train.main(tiny(tmp_path / "b", resume=True, **kw))
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
