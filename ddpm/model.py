@@ -86,13 +86,18 @@ class Diffusion(nn.Module):
         return mean + self.sigma2(t_int).sqrt() * torch.randn_like(xt)
 
     def ddim_timesteps(self, steps, spacing="uniform"):
-        """A sub-sequence tau of [0, T) with `steps` entries ending at T - 1: evenly spaced, or quadratic
-        (tau_i ~ (i / S)^2, denser near t = 0; the DDIM paper tries both)."""
+        """A sub-sequence tau of [0, T) with `steps` entries, always ending at T - 1 (the chain starts from x_T):
+        evenly spaced, or quadratic (tau_i ~ (i / S)^2, denser near t = 0; the DDIM paper tries both). One step is
+        [T - 1]: a single jump from x_T to x_0."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"DDIM steps must be in [1, T = {self.T}], got {steps}")
+        if steps == 1:
+            return torch.tensor([self.T - 1])
         if spacing == "uniform":
-            return torch.linspace(0, self.T - 1, steps).round().long().unique()
+            return torch.linspace(0, self.T - 1, steps).round().long()  # distinct: spacing (T-1)/(S-1) >= 1
         tau = (torch.linspace(0, 1, steps) ** 2 * (self.T - 1)).round().long().tolist()
-        for i in range(1, len(tau)):  # keep it strictly increasing where rounding collides near 0
-            tau[i] = max(tau[i], tau[i - 1] + 1)
+        for i in range(1, len(tau)):  # keep it strictly increasing where rounding collides near 0 (stays <= T - 1
+            tau[i] = max(tau[i], tau[i - 1] + 1)  # for S <= T: tau_j + (S - 1 - j) <= (T - 1) x^2 + (T - 1)(1 - x))
         return torch.tensor(tau)
 
     def ddim_sigma(self, t, t_prev, eta):
@@ -124,7 +129,7 @@ class Diffusion(nn.Module):
             ts = list(range(self.T - 1, -1, -1))
             pairs = [(t, t - 1) for t in ts]
         else:
-            tau = self.ddim_timesteps(steps or 50, spacing).tolist()
+            tau = self.ddim_timesteps(50 if steps is None else steps, spacing).tolist()
             pairs = [(tau[i], tau[i - 1] if i > 0 else -1) for i in range(len(tau) - 1, -1, -1)]
         for i, (t, t_prev) in enumerate(progress(pairs) if progress else pairs):
             x = self.p_sample(x, t) if sampler == "ddpm" else self.ddim_step(x, t, t_prev, eta)
@@ -140,7 +145,13 @@ class Diffusion(nn.Module):
 
         L_T = KL(q(x_T|x_0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x_0) || p_theta(x_{t-1}|x_t)) between Gaussians
         with p's variance sigma_t^2; L_0 = -log p_theta(x_0|x_1) with the discrete decoder of Eq. (13).
-        num_t=None sums all T terms; an integer gives an unbiased Monte-Carlo estimate of the sum over t."""
+        num_t=None sums all T terms; an integer gives an unbiased Monte-Carlo estimate of the sum over t.
+
+        The decoder's variance is beta_tilde at the paper's t = 2 (index 1 here), whichever sigma the chain uses: the
+        authors' code does so (diffusion_utils_2.py, p_mean_variance: the log-variance at t = 0 is
+        log(posterior_variance[1]) for both 'fixedsmall' and 'fixedlarge', "to get a better decoder log
+        likelihood"); the paper's sigma_1^2 = beta_1 would give a looser bound (1.71 vs 1.31 bits for an interior
+        pixel with a perfect mean, T = 1000). Sampling is unaffected: the last step adds no noise."""
         B, D = x0.shape[0], x0[0].numel()
         ab_T = self.alpha_bar[-1]
         mean_T, var_T = ab_T.sqrt() * x0, 1 - ab_T
@@ -158,7 +169,7 @@ class Diffusion(nn.Module):
             L_mid *= (self.T - 1) / num_t
         t0 = torch.zeros(B, device=x0.device, dtype=torch.long)
         x1 = self.q_sample(x0, t0, torch.randn_like(x0))
-        L_0 = -discretized_gaussian_log_likelihood(x0, self.p_mean(x1, t0), self.betas[0]).flatten(1).sum(1)
+        L_0 = -discretized_gaussian_log_likelihood(x0, self.p_mean(x1, t0), self.beta_tilde[1]).flatten(1).sum(1)
         return (L_T + L_mid + L_0) / (D * math.log(2))
 
 

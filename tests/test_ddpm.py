@@ -1,5 +1,8 @@
 import json
+import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -7,13 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ddpm import evaluate, sample, train
+from ddpm import bench, evaluate, sample, train
 from ddpm.model import EMA, Diffusion, cosine_betas, discretized_gaussian_log_likelihood, linear_betas
 from ddpm.unet import AttnBlock, LinearAttnBlock, PixelRMSNorm, ResBlock, UNet, UNetConfig
+from utils import run as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="synthetic", ch=8, ch_mult=(1, 2), num_res_blocks=1, T=50, batch_size=32, device="cpu",
-            warmup=10, sample_interval=1000, log_interval=10, lr=2e-3)
+            warmup=10, sample_interval=1000, log_interval=10, lr=2e-3, cpu_bf16=False)
 
 
 class Zero(torch.nn.Module):
@@ -30,6 +34,19 @@ def test_schedule_endpoints_and_monotone(schedule):
         assert torch.isclose(d.betas[0], torch.tensor(1e-4)) and torch.isclose(d.betas[-1], torch.tensor(0.02))
     assert torch.allclose(linear_betas(10), torch.linspace(1e-4, 0.02, 10, dtype=torch.float64))
     assert (cosine_betas(10) <= 0.999).all()
+
+
+def test_q_sample_equals_the_closed_form_at_given_t_and_noise():
+    """Eq. (4) at chosen t and eps, against alpha_bar computed here in float64 from the paper's schedule."""
+    T = 1000
+    d = Diffusion(Zero(), T=T)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
+    torch.manual_seed(0)
+    x0, eps = torch.rand(4, 1, 3, 3) * 2 - 1, torch.randn(4, 1, 3, 3)
+    t = torch.tensor([0, 1, 500, 999])
+    ab = alpha_bar[t].view(4, 1, 1, 1)
+    ref = ab.sqrt() * x0.double() + (1 - ab).sqrt() * eps.double()
+    assert torch.allclose(d.q_sample(x0, t, eps).double(), ref, atol=1e-6)
 
 
 def test_q_sample_mean_and_variance_for_constant_image():
@@ -222,3 +239,282 @@ def test_bad_input_exits_2(tmp_path):
         with pytest.raises(SystemExit) as e:
             train.main(cfg)
         assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- issue 21 items 14-18, issue 22, 24
+
+class ExactEps(torch.nn.Module):
+    """The exact noise predictor for the one-point data set {c}: eps = (x_t - sqrt(ab_t) c) / sqrt(1 - ab_t)."""
+
+    def __init__(self, c, alpha_bar):
+        super().__init__()
+        self.c, self.alpha_bar = c, alpha_bar
+
+    def forward(self, x, t):
+        ab = self.alpha_bar[t].view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * self.c) / (1 - ab).sqrt()
+
+
+class Scaled(torch.nn.Module):
+    """eps_theta = -k x: a predictor whose x0-hat leaves [-1, 1], so the clipped path runs."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x, t):
+        return -self.k * x
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_every_ddim_grid_ends_at_T_minus_1(spacing):
+    """Item 14: ddim_timesteps(1) was [0], so one DDIM step ran the network at t = 0 on pure noise."""
+    for T in (7, 50):
+        d = Diffusion(Zero(), T=T)
+        for S in range(1, T + 1):
+            tau = d.ddim_timesteps(S, spacing)
+            assert len(tau) == S and tau[-1] == T - 1 and (tau.diff() > 0).all() and tau[0] >= 0, (T, S, tau)
+        with pytest.raises(ValueError):
+            d.ddim_timesteps(T + 1, spacing)
+        with pytest.raises(ValueError):
+            d.ddim_timesteps(0, spacing)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t.clone())
+            return torch.zeros_like(x)
+    Diffusion(Spy(), T=50).sample((2, 1, 4, 4), "cpu", "ddim", steps=1, spacing=spacing)
+    assert len(seen) == 1 and (seen[0] == 49).all()
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("sigma", ["beta_tilde", "beta"])
+def test_nll_bound_closed_form_for_a_one_point_data_set(sigma):
+    """Item 15. Data set {c} and the exact eps-predictor: p_theta's mean equals q's posterior mean, so
+    L_{t-1} = KL(N(mu, beta_tilde_t) || N(mu, sigma_t^2)) = 0.5 (log(sigma^2 / beta_tilde) + beta_tilde / sigma^2 - 1)
+    per pixel (0 for sigma = beta_tilde); L_T = KL(N(sqrt(ab_T) c, 1 - ab_T) || N(0, 1)); L_0 is the mass of c's bin
+    under N(c, beta_tilde at the paper's t = 2), the decoder variance of Ho et al.'s code (diffusion_utils_2.py:
+    the log-variance at t = 0 is log(posterior_variance[1]) for both fixedsmall and fixedlarge). All in float64."""
+    T = 1000
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    bt = betas * (1 - ab_prev) / (1 - ab)
+    c = torch.tensor([-1.0, 1.0, 2 * 100 / 255 - 1, 2 * 37 / 255 - 1]).view(1, 1, 2, 2)
+    d = Diffusion(Zero(), T=T, sigma=sigma)
+    d.eps_model = ExactEps(c, d.alpha_bar)
+    torch.manual_seed(0)
+    got = d.nll_bound_bpd(c.repeat(3, 1, 1, 1)).double()
+    L_T = sum(0.5 * ((1 - ab[-1]) + ab[-1] * v ** 2 - 1 - torch.log(1 - ab[-1])).item() for v in c.flatten().tolist())
+    var_p = betas if sigma == "beta" else bt
+    L_mid = 4 * (0.5 * (torch.log(var_p[1:] / bt[1:]) + bt[1:] / var_p[1:] - 1)).sum().item()
+    s = bt[1].sqrt().item()
+    edge = -math.log(_normal_cdf(1 / 255 / s))  # c = -1 or 1: the bin reaches to -inf / +inf
+    interior = -math.log(_normal_cdf(1 / 255 / s) - _normal_cdf(-1 / 255 / s))
+    ref = (L_T + L_mid + 2 * edge + 2 * interior) / (4 * math.log(2))
+    assert torch.allclose(got, torch.full_like(got, ref), rtol=1e-4), (got, ref)
+
+
+def test_nll_monte_carlo_over_t_is_unbiased_for_the_full_sum():
+    """Exact eps-predictor with sigma = beta: each L_{t-1} is a known constant, so the Monte-Carlo estimate over t
+    averages to the full sum within its own (computable) standard error."""
+    T, K = 6, 4000
+    c = torch.tensor([0.2, -0.6]).view(1, 1, 1, 2)
+    d = Diffusion(Zero(), T=T, sigma="beta")
+    d.eps_model = ExactEps(c, d.alpha_bar)
+    full = d.nll_bound_bpd(c).item()
+    terms = 0.5 * (torch.log(d.betas[1:] / d.beta_tilde[1:]) + d.beta_tilde[1:] / d.betas[1:] - 1).double() * 2
+    se = (terms * (T - 1)).std(unbiased=False).item() / math.sqrt(K) / (2 * math.log(2))
+    torch.manual_seed(0)
+    mc = sum(d.nll_bound_bpd(c, num_t=1).item() for _ in range(K)) / K
+    assert abs(mc - full) < 5 * se and se < 0.1 * full, (mc, full, se)
+
+
+def test_ddim_clipped_x0_step_equals_the_ancestral_step():
+    """The clipped-x0 DDIM path that produced every reported DDIM number: with eps re-derived from the clipped x0,
+    the eta = 1 step between neighbouring timesteps is Algorithm 2's step with beta_tilde (the posterior mean at the
+    clipped x0), the same x_{t-1} for the same noise; at eta = 0 the last step returns the clipped x0."""
+    d = Diffusion(Scaled(3.0), T=100, sigma="beta_tilde", clip_denoised=True)
+    torch.manual_seed(0)
+    xt = torch.randn(2, 1, 8, 8)
+    d.clip_denoised = False
+    raw = d.predict_x0(xt, torch.full((2,), 40), d.eps_model(xt, None))
+    d.clip_denoised = True
+    assert (raw.abs() > 1).float().mean() > 0.3  # the clip is active on a good share of pixels
+    for t in (40, 1):
+        torch.manual_seed(1)
+        a = d.p_sample(xt, t)
+        torch.manual_seed(1)
+        b = d.ddim_step(xt, t, t - 1, eta=1.0)
+        assert torch.allclose(a, b, atol=1e-4)  # float32 buffers; the raw-eps variant is off by ~0.1
+    x0 = d.ddim_step(xt, 40, -1, eta=0.0)
+    assert torch.allclose(x0, raw.clamp(-1, 1), atol=1e-6)
+
+
+def test_fid_equals_the_closed_form_for_known_moments():
+    """Features with exactly chosen sample means and covariances: fid() equals ||mu1 - mu2||^2 +
+    Tr(S1 + S2 - 2 (S1 S2)^(1/2)) computed with scipy's sqrtm (the formula of pytorch-fid)."""
+    import scipy.linalg
+    torch.manual_seed(0)
+    n, dim = 500, 6
+
+    def with_moments(mu, S):
+        z = torch.randn(n, dim, dtype=torch.float64)
+        z = z - z.mean(0)
+        z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # sample covariance exactly I
+        return z @ torch.linalg.cholesky(S).T + mu
+
+    A, B = torch.randn(dim, dim, dtype=torch.float64), torch.randn(dim, dim, dtype=torch.float64)
+    S1, S2 = A @ A.T + 0.1 * torch.eye(dim), 4 * B @ B.T + torch.eye(dim)
+    mu1, mu2 = torch.zeros(dim, dtype=torch.float64), torch.linspace(-2, 3, dim, dtype=torch.float64)
+    f, g = with_moments(mu1, S1), with_moments(mu2, S2)
+    covmean = scipy.linalg.sqrtm(S1.numpy() @ S2.numpy()).real
+    ref = ((mu1 - mu2) ** 2).sum().item() + (S1.trace() + S2.trace()).item() - 2 * float(covmean.trace())
+    assert abs(evaluate.fid(f, g) - ref) < 1e-6 * ref and abs(evaluate.fid(f, f)) < 1e-6
+
+
+def test_feature_net_trains_fresh_under_no_grad_and_survives_a_corrupt_cache(tmp_path):
+    """Issue 24: evaluate.main runs under no_grad, and the first call trains the FID classifier inside it (was a
+    RuntimeError on a machine without the cache). A corrupt cache file is rebuilt, not a torch.load traceback."""
+    with torch.no_grad():
+        net = evaluate.feature_net("synthetic", torch.device("cpu"), epochs=1, cache_dir=tmp_path)
+    assert (tmp_path / "fid_synthetic.pt").exists() and not net.training
+    again = evaluate.feature_net("synthetic", torch.device("cpu"), epochs=1, cache_dir=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    (tmp_path / "fid_synthetic.pt").write_bytes(b"not a checkpoint")
+    with torch.no_grad():
+        net = evaluate.feature_net("synthetic", torch.device("cpu"), epochs=1, cache_dir=tmp_path)
+    assert torch.load(tmp_path / "fid_synthetic.pt", weights_only=True)["model"].keys() == net.state_dict().keys()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpm_tiny") / "run"
+    train.main(train.Config(out_dir=str(out), steps=20, **TINY))
+    return out
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_evaluate_keys_every_setting_and_scores_8bit_samples(tiny_run, tmp_path, monkeypatch):
+    """Items 16 and 17: FID sees the generated images as the 8-bit pixels a user saves, and summary.json keeps one
+    entry per sampler, steps, eta, spacing, sigma and seed (they overwrote each other)."""
+    out = _copy_run(tiny_run, tmp_path / "run")
+    torch.manual_seed(0)
+    net = evaluate.FeatureNet(1).eval()
+    monkeypatch.setattr(evaluate, "feature_net", lambda *a, **k: net)
+    seen, features = [], evaluate.features
+    monkeypatch.setattr(evaluate, "features", lambda n, x, *a, **k: (seen.append(x.dtype), features(n, x, *a, **k))[1])
+    runs = [dict(), dict(eta=1.0), dict(seed=1), dict(spacing="quadratic"), dict(steps=5),
+            dict(sampler="ddpm", sigma="beta"), dict(sampler="ddpm", sigma="beta_tilde")]
+    for kw in runs:
+        evaluate.main(evaluate.Config(out_dir=str(out), num_samples=4, batch_size=4, device="cpu", **kw))
+    assert seen and all(dt == torch.uint8 for dt in seen)
+    entries = json.load(open(out / "summary.json"))["eval"]
+    assert len(entries) == len(runs) and len({e["fid"] for e in entries.values()}) > 1
+
+
+def test_resume_of_a_finished_run_keeps_final_loss_and_eval(tiny_run, tmp_path):
+    """Item 18: resuming a finished run wrote final_loss 0 and erased the eval section evaluate.py stored."""
+    out = _copy_run(tiny_run, tmp_path / "run")
+    s = json.load(open(out / "summary.json"))
+    s["eval"] = {"some_key": {"fid": 12.5}}
+    (out / "summary.json").write_text(json.dumps(s))
+    s2 = train.main(train.Config(out_dir=str(out), steps=20, resume=True, **TINY))
+    s3 = json.load(open(out / "summary.json"))
+    assert s2["steps"] == 20 and abs(s3["final_loss"] - s["final_loss"]) < 1e-9 and s3["eval"] == s["eval"]
+
+
+@pytest.mark.parametrize("change", [dict(schedule="cosine"), dict(T=60), dict(ch=16), dict(sigma="beta_tilde")])
+def test_resume_with_other_architecture_or_schedule_exits_2(tiny_run, tmp_path, change):
+    """Item 18: a resume with other schedule flags silently kept the old betas (or gave a load_state_dict traceback)."""
+    out = _copy_run(tiny_run, tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.main(train.Config(out_dir=str(out), steps=25, resume=True, **{**TINY, **change}))
+    assert e.value.code == 2
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
+    """SIGTERM takes the Ctrl-C path and saves ckpt.pt; --resume then continues exactly where it stopped (RNG state,
+    position in the epoch, optimizer, EMA): 3 steps + SIGTERM + resume to 6 equals 6 uninterrupted steps."""
+    cfg = dict(TINY, sample_interval=4, log_interval=1)
+    train.main(train.Config(out_dir=str(tmp_path / "a"), steps=6, **cfg))
+    step_fn, calls = train.train_step, []
+
+    def stop_after_three(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM would kill the run"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(*a, **k)
+    monkeypatch.setattr(train, "train_step", stop_after_three)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        s = train.main(train.Config(out_dir=str(tmp_path / "b"), steps=6, **cfg))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    monkeypatch.setattr(train, "train_step", step_fn)
+    assert s["steps"] == 3 and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
+    train.main(train.Config(out_dir=str(tmp_path / "b"), steps=6, resume=True, **cfg))
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
+    for k in ("model", "ema"):
+        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+    la, lb = ([json.loads(x)["loss"] for x in open(tmp_path / r / "metrics.jsonl") if '"loss"' in x] for r in "ab")
+    assert la == lb
+
+
+def test_zero_warmup_and_zero_sample_interval_run(tmp_path):
+    """Issue 22: --warmup 0 and --sample-interval 0 were ZeroDivisionErrors."""
+    s = train.main(train.Config(out_dir=str(tmp_path), steps=2, **dict(TINY, warmup=0, sample_interval=0)))
+    assert s["steps"] == 2 and (tmp_path / "samples_step2.png").exists()
+
+
+BAD = [
+    (train, ["--warmup", "-1"]), (train, ["--log-interval", "0"]), (train, ["--sample-interval", "-1"]),
+    (train, ["--ch", "136"]), (train, ["--ch", "7"]), (train, ["--ch", "2"]), (train, ["--T", "1"]),
+    (train, ["--T", "100000000"]), (train, ["--ema-decay", "1.5"]), (train, ["--dropout", "1"]),
+    (train, ["--attn-levels", "3"]), (train, ["--ch-mult", "1", "0"]), (train, ["--batch-size", "0"]),
+    (train, ["--lr", "0"]), (train, ["--grad-clip", "-1"]), (train, ["--num-res-blocks", "0"]),
+    (train, ["--norm", "batch"]), (train, ["--schedule", "quad"]), (train, ["--steps", "0"]),
+    (evaluate, ["--steps", "0"]), (evaluate, ["--steps", "-1"]), (evaluate, ["--nll-t", "0"]),
+    (evaluate, ["--batch-size", "0"]), (evaluate, ["--eta", "-0.5"]), (evaluate, ["--eta", "2"]),
+    (evaluate, ["--sampler", "euler"]), (evaluate, ["--num-samples", "-1"]), (evaluate, ["--spacing", "log"]),
+    (evaluate, ["--ckpt", "/nonexistent/ckpt.pt"]), (evaluate, ["--num-samples", "0", "--nll-images", "0"]),
+    (sample, ["--steps", "0"]), (sample, ["--num-samples", "0"]), (sample, ["--eta", "3"]),
+    (sample, ["--gif-frames", "-1"]), (sample, ["--sampler", "euler"]),
+    (bench, ["--steps", "0"]), (bench, ["--ch", "136"]), (bench, ["--models", "mine"]), (bench, ["--chunk", "0"]),
+    (bench, ["--fid-samples", "0"]), (bench, ["--batch-size", "0"]),
+]
+
+
+@pytest.mark.parametrize("mod,args", BAD, ids=[f"{m.__name__.split('.')[-1]} {' '.join(a)}" for m, a in BAD])
+def test_bad_flags_are_one_line_errors_at_parse_time(mod, args, capsys):
+    """Issue 22: each of these crashed later with a traceback, ran something else than recorded, or hung."""
+    with pytest.raises(SystemExit) as e:
+        R.parse(mod.Config, getattr(mod, "PRESETS", None), args=args + ["--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and ("error:" in err or "invalid choice" in err.lower()), err
+
+
+@pytest.mark.parametrize("mod,args", [(evaluate, ["--steps", "51"]), (evaluate, ["--steps", "60", "--spacing",
+                                      "quadratic"]), (sample, ["--sampler", "ddim", "--steps", "51"])])
+def test_steps_beyond_the_checkpoints_T_is_one_line(tiny_run, mod, args, capsys):
+    """--steps 1200 --spacing quadratic was an IndexError: steps are checked against the checkpoint's T (50 here)."""
+    with pytest.raises(SystemExit) as e:
+        mod.main(R.parse(mod.Config, None, args=["--out-dir", str(tiny_run), "--device", "cpu", "--num-samples", "2"]
+                         + args))
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_data_set_is_refused(tmp_path, capsys):
+    """Issue 22: --dataset synthetic --batch-size 2048 looped forever in train.py."""
+    with pytest.raises(SystemExit) as e:
+        train.main(train.Config(out_dir=str(tmp_path), steps=2, **dict(TINY, batch_size=2048)))
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
