@@ -7,6 +7,7 @@ import os
 import signal
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,9 @@ def load_checkpoint(path, kind, map_location="cpu", keys=()):
     if not path.is_file():
         die(f"no checkpoint at {path} (train first, or pass the right --out-dir / --ckpt)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about some pickles before refusing them: one line only
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickled objects we refuse to run
         die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
