@@ -76,12 +76,16 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x, need_weights=False):
+    def forward(self, x, need_weights=False, fused=None):
+        """fused: F.scaled_dot_product_attention (True) or the written-out softmax(q k^T / sqrt(D_h)) v (False);
+        None picks by device, the fused kernel on CUDA. need_weights always takes the written-out path."""
         B, N, D = x.shape
         qkv = self.to_qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, N, D_h)
         q, k, v = qkv.unbind(0)  # unbind, not indexing: its backward is one stack, not three zero-filled copies
         p = self.dropout if self.training else 0.0
-        if need_weights or not x.is_cuda:  # on CPUs the written-out path is the faster one at these lengths
+        if fused is None:  # on CPUs the written-out path is the faster one at these lengths
+            fused = x.is_cuda
+        if need_weights or not fused:
             att = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # A = softmax(q k^T / sqrt(D_h)): (B, h, N, N)
             out = F.dropout(att, p, self.training) @ v
         else:  # the same computation through the fused kernel

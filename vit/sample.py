@@ -102,7 +102,8 @@ def confusion_figure(y, preds, classes, path):
 
 
 def rollout_figure(model, x, classes, path, device):
-    """Top row: test images; bottom row: attention rollout from the read-out token, upsampled to the image."""
+    """Top row: test images; bottom row: attention rollout from the read-out token, upsampled to the image.
+    Returns the rollout (B, N)."""
     logits, atts = model(D.to_unit_range(x.to(device)), need_weights=True)
     rel = attention_rollout(atts, model.cfg.pool == "cls")  # (B, N)
     g = model.cfg.image_size // model.cfg.patch_size
@@ -119,6 +120,7 @@ def rollout_figure(model, x, classes, path, device):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     P.plt.close(fig)
+    return rel
 
 
 @torch.no_grad()
