@@ -10,6 +10,7 @@ so that drift in the machine's speed hits both alike. Prints graphs/s and the ra
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -17,22 +18,38 @@ import torch.nn.functional as F
 
 from gnns.graphs import load_graphs
 from gnns.model import BUDGET_HIDDEN, GNN, GNNConfig, num_params
+from utils import data as D
 from utils import run as R
 
 
 @dataclass
 class Config:
     dataset: str = "fashion-mnist"
+    """fashion-mnist | mnist | cifar10 | synthetic[-mnist|-cifar10]"""
     data_dir: str | None = None
-    layers: list[str] = field(default_factory=lambda: ["conv", "attn", "mpnn"])
+    layers: list[Literal["conv", "attn", "mpnn"]] = field(default_factory=lambda: ["conv", "attn", "mpnn"])
     batch_size: int = 128
     batches: int = 20
-    """distinct batches per round"""
+    """distinct batches per round (the first batches x batch_size training graphs)"""
     rounds: int = 3
     """timed rounds per model, alternating ours / PyG (one more, untimed, warms up)"""
     device: str = "cpu"
     seed: int = 0
     out_dir: str = "out/gnns_bench"
+    """summary.json goes here"""
+
+    def check(self):
+        R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
+        R.check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        R.check(len(self.layers) > 0, "--layers needs at least one of conv, attn, mpnn")
+        R.positive(self, "batch_size", "batches", "rounds")
+        R.check(self.batch_size * self.batches <= 100_000 and self.rounds <= 1000,
+                "--batches x --batch-size must be <= 100000 graphs and --rounds <= 1000")
+        R.nonnegative(self, "seed")
+        R.check_device(self.device)
+        from utils.data import base_name
+        base_name(self.dataset)
+        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
 
 
 def pyg_layer(cfg: GNNConfig):
@@ -96,11 +113,11 @@ def time_rounds(models, batches, rounds):
 
 
 def main(cfg: Config) -> dict:
+    R.validate(cfg)
     from torch_geometric.loader import DataLoader
-    R.check(cfg.batches > 0 and cfg.rounds > 0 and cfg.batch_size > 0, "--batches, --rounds, --batch-size must be positive")
-    R.check(set(cfg.layers) <= set(BUDGET_HIDDEN), "--layers: choose from conv, attn, mpnn")
     device = R.pick_device(cfg.device)
-    graphs = load_graphs(cfg.dataset, "train", data_dir=cfg.data_dir)[: cfg.batches * cfg.batch_size]
+    cache = None if cfg.dataset.startswith("synthetic") else D.REPO / "data"
+    graphs = load_graphs(cfg.dataset, "train", data_dir=cfg.data_dir, limit=cfg.batches * cfg.batch_size, cache_dir=cache)
     batches = [b.to(device) for b in DataLoader(graphs, cfg.batch_size)]
     n_graphs = sum(b.num_graphs for b in batches) * cfg.rounds
     rows = []

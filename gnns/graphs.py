@@ -5,17 +5,25 @@
   exp(-|p_i - p_j|^2 / sigma_p^2 - |f_i - f_j|^2 / sigma_f^2), symmetrised;
 - pixel-grid graphs (the seed's): one node per pixel, 8-neighbour edges.
 
-Graphs are built once, in parallel over the cores with a progress bar, and cached in data/graphs_*.pt.
+Graphs are built once, in parallel over the cores with a progress bar, and cached in data/graphs_*.pt under a
+name that carries every builder setting (a cache built with other settings is never read back); a cache that does
+not load or does not hold what its name says is rebuilt.
 """
+import hashlib
+import json
 import os
+import signal
 from functools import partial
 from multiprocessing import Pool
+from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from utils import data as D
+from utils import run as R
+
+BUILDER_VERSION = 1  # bump when the builders below change what they produce: old caches are then not read
 
 
 def superpixel_graph(img, max_nodes=75, k=8):
@@ -72,43 +80,77 @@ def grid_graph(img):
     return feat.astype(np.float32), e.astype(np.int64), np.ones((e.shape[1], 1), np.float32)
 
 
-def _build_one(img, kind, n_segments):
-    return superpixel_graph(img, n_segments) if kind == "superpixel" else grid_graph(img)
+def _build_one(img, kind, max_nodes, k):
+    return superpixel_graph(img, max_nodes, k) if kind == "superpixel" else grid_graph(img)
 
 
-def build_graphs(x, kind="superpixel", n_segments=75, workers=None, desc="graphs"):
+def _worker_init():
+    """Pool workers leave Ctrl-C and SIGTERM to the parent (which may have made SIGTERM raise KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def build_graphs(x, kind="superpixel", max_nodes=75, k=8, workers=None, desc="graphs"):
     """uint8 images (N, C, H, W) -> list of numpy (x, edge_index, edge_attr), built in parallel."""
     imgs = list(x.numpy())
     workers = workers or os.cpu_count() or 1
-    fn = partial(_build_one, kind=kind, n_segments=n_segments)
+    fn = partial(_build_one, kind=kind, max_nodes=max_nodes, k=k)
     if workers == 1 or len(imgs) < 200:
-        return [fn(im) for im in tqdm(imgs, desc=desc, mininterval=2)]
-    with Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, imgs, chunksize=256), total=len(imgs), desc=desc, mininterval=2))
+        return [fn(im) for im in R.progress(imgs, desc=desc, mininterval=2)]
+    with Pool(workers, initializer=_worker_init) as pool:
+        return list(R.progress(pool.imap(fn, imgs, chunksize=256), total=len(imgs), desc=desc, mininterval=2))
 
 
-def load_graphs(dataset, split, kind="superpixel", data_dir=None, limit=None, cache=True):
-    """A list of torch_geometric Data for a split, from data/graphs_<dataset>_<kind>_<split>.pt when cached."""
-    from torch_geometric.data import Data
-    _, size, _ = D.dataset_info(dataset)
-    n_seg = 75 if size == 28 else 150
-    synthetic = dataset.startswith("synthetic")
-    path = D.REPO / "data" / f"graphs_{dataset}_{kind}_{split}{'' if limit is None else f'_first{limit}'}.pt"
-    if cache and not synthetic and path.exists():
+STORE_KEYS = ("x", "edge_index", "edge_attr", "nodes", "edges", "y", "settings")
+
+
+def cache_path(cache_dir, settings):
+    """data/graphs_<dataset>_<kind>_<split>[_first<N>]_<hash of every builder setting>.pt"""
+    tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    s = settings
+    return Path(cache_dir) / (f"graphs_{s['dataset']}_{s['kind']}_{s['split']}"
+                              f"{'' if s['limit'] is None else '_first%d' % s['limit']}_{tag}.pt")
+
+
+def read_cache(path, settings):
+    """The cached store, or None (with a line saying why) when it is unreadable, incomplete or built otherwise."""
+    try:
         store = torch.load(path, weights_only=True)
-    else:
+        ok = isinstance(store, dict) and all(k in store for k in STORE_KEYS) and store["settings"] == settings
+        ok = ok and int(store["nodes"].sum()) == len(store["x"]) and int(store["edges"].sum()) == store["edge_index"].shape[1]
+    except Exception as e:  # truncated zip, random bytes, a pickle we refuse to run
+        print(f"graph cache {path} is unreadable ({type(e).__name__}): rebuilding it")
+        return None
+    if not ok:
+        print(f"graph cache {path} does not hold what its name says: rebuilding it")
+        return None
+    return store
+
+
+def load_graphs(dataset, split, kind="superpixel", data_dir=None, limit=None, cache_dir=D.REPO / "data", k=8,
+                max_nodes=None):
+    """A list of torch_geometric Data for a split (the first `limit` images), read from `cache_dir` when a cache
+    built with the same settings is there (None: no cache; the synthetic sets are not cached by train.py)."""
+    from torch_geometric.data import Data
+    channels, size, _ = D.dataset_info(dataset)
+    max_nodes = max_nodes or (75 if size == 28 else 150)
+    settings = {"dataset": dataset, "split": split, "kind": kind, "limit": limit, "version": BUILDER_VERSION,
+                **({"max_nodes": max_nodes, "k": k, "compactness": 0.25 if channels == 1 else 10}
+                   if kind == "superpixel" else {})}
+    path = None if cache_dir is None else cache_path(cache_dir, settings)
+    store = read_cache(path, settings) if path is not None and path.exists() else None
+    if store is None:
         x, y = D.load_images(dataset, split, data_dir)
         if limit is not None:
             x, y = x[:limit], y[:limit]
-        graphs = build_graphs(x, kind, n_seg, desc=f"{dataset} {split} {kind} graphs")
+        graphs = build_graphs(x, kind, max_nodes, k, desc=f"{dataset} {split} {kind} graphs")
         store = {"x": torch.from_numpy(np.concatenate([g[0] for g in graphs])),
                  "edge_index": torch.from_numpy(np.concatenate([g[1] for g in graphs], 1)),
                  "edge_attr": torch.from_numpy(np.concatenate([g[2] for g in graphs])),
                  "nodes": torch.tensor([len(g[0]) for g in graphs]), "edges": torch.tensor([g[1].shape[1] for g in graphs]),
-                 "y": y}
-        if cache and not synthetic:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(store, path)
+                 "y": y, "settings": settings}
+        if path is not None:
+            R.save_checkpoint(store, path)  # atomic: an interrupted build leaves no half-written cache
     xs = store["x"].split(store["nodes"].tolist())
     es = store["edge_index"].split(store["edges"].tolist(), 1)
     eas = store["edge_attr"].split(store["edges"].tolist())
