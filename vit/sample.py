@@ -128,8 +128,12 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
+    # the checkpoint train.py selected: best.pt (best validation accuracy), or ckpt.pt when it ran with --val-size 0
     path = Path(cfg.ckpt) if cfg.ckpt else (out / "best.pt" if (out / "best.pt").exists() else out / "ckpt.pt")
+    selected_on = ("--ckpt" if cfg.ckpt else "validation accuracy" if path.name == "best.pt" else
+                   "nothing: the last epoch")
     model, ckpt = load_model(path, device)
+    out.mkdir(parents=True, exist_ok=True)
     classes = ckpt["classes"]
     if cfg.images:  # only the user's images: no dataset needed
         return {"predictions": classify(model, cfg.images, classes, device)}
@@ -144,7 +148,7 @@ def main(cfg: Config) -> dict:
                    out / "predictions.png", colors=["green" if p == t else "red" for p, t in zip(preds[:n], yte[:n])])
     rollout_figure(model, xte[:8], classes, out / "attention.png", device)
     summary = {"test_acc": acc, "per_class_acc": per_class, "eval_images_per_s": len(xte) / dt,
-               "checkpoint": str(path), "epoch": ckpt["epoch"], "dataset": ckpt["dataset"]}
+               "checkpoint": str(path), "selected_on": selected_on, "epoch": ckpt["epoch"], "dataset": ckpt["dataset"]}
     R.write_json(out / "eval.json", summary)
     print(f"test accuracy {acc:.4f} on {len(xte)} {ckpt['dataset']} images ({len(xte) / dt:.0f} img/s)")
     for c, a in per_class.items():
