@@ -15,12 +15,13 @@ Prints steps/s and FID for both and writes summary.json, a grid of each model's 
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ddpm.evaluate import feature_net, features, fid
+from ddpm.evaluate import feature_net, features, fid, to_8bit
 from ddpm.model import EMA
-from ddpm.train import build, train_step, unet_config
+from ddpm.train import build, check_unet, train_step, unet_config
 from utils import data as D
 from utils import plot as P
 from utils import run as R
@@ -36,7 +37,7 @@ class Config:
     """our U-Net's extra attention levels (ddpm/train.py's flag)"""
     linear_attn_levels: tuple[int, ...] = ()
     """our U-Net's linear-attention levels (ddpm/train.py's flag)"""
-    norm: str = "group"
+    norm: Literal["group", "rms"] = "group"
     """our U-Net's normalization, group or rms (ddpm/train.py's flag)"""
     scale_shift: bool = False
     """our U-Net's time conditioning as GroupNorm scale and shift (ddpm/train.py's flag)"""
@@ -46,25 +47,54 @@ class Config:
     batch_size: int = 64
     lr: float = 2e-4
     warmup: int = 100
+    """linear LR warmup steps (0: none)"""
     ema_decay: float = 0.995
     chunk: int = 50
     """training steps per turn, alternating ours / theirs"""
     eta: float = 0.0
     """DDIM eta for both samplers: 0 deterministic, 1 the ancestral sigma"""
     fid_samples: int = 2000
-    """DDIM-50 samples per model for FID, against as many test images"""
+    """DDIM-50 samples per model for FID, against as many test images (at most the test set's size)"""
+    fid_cache_dir: str | None = None
+    """where the FID classifier is cached (None: the repo's data/)"""
+    fid_epochs: int = 2
+    """epochs of the FID classifier, when it is trained (no cache yet)"""
     cpu_bf16: bool | None = None
     device: str = "auto"
     seed: int = 0
     out_dir: str = "out/ddpm_bench"
 
+    def check(self):
+        R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
+        D.base_name(self.dataset)
+        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.check(self.fid_cache_dir is None or not Path(self.fid_cache_dir).is_file(),
+                f"--fid-cache-dir {self.fid_cache_dir} is a file, not a folder")
+        names = self.models.split(",")
+        R.check(names and set(names) <= {"ours", "theirs"} and len(set(names)) == len(names),
+                f"--models: ours, theirs or ours,theirs, not {self.models!r}")
+        R.positive(self, "steps", "batch_size", "lr", "chunk")
+        R.nonnegative(self, "warmup")
+        R.one_of(self, "norm", ("group", "rms"))  # Literal: tyro checks the CLI, this the Python callers
+        R.between(self, "ema_decay", 0, 1, hi_open=True)
+        R.between(self, "eta", 0, 1)
+        R.between(self, "fid_samples", 2, 100_000)
+        R.between(self, "fid_epochs", 1, 100)
+        check_unet(self)
 
-def theirs(cfg, channels, size):
-    """denoising-diffusion-pytorch's Unet + GaussianDiffusion, set to DDPM's epsilon objective and schedule."""
+
+def import_theirs():
     try:
         from denoising_diffusion_pytorch import GaussianDiffusion, Unet
     except ImportError:
-        R.die("the side by side needs denoising-diffusion-pytorch: pip install -r requirements-bench.txt")
+        R.die("the side by side needs denoising-diffusion-pytorch: pip install -r requirements-bench.txt "
+              "(or --models ours)")
+    return GaussianDiffusion, Unet
+
+
+def theirs(cfg, channels, size):
+    """denoising-diffusion-pytorch's Unet + GaussianDiffusion, set to DDPM's epsilon objective and schedule."""
+    GaussianDiffusion, Unet = import_theirs()
     unet = Unet(dim=cfg.ch, dim_mults=tuple(cfg.ch_mult), channels=channels)
     return GaussianDiffusion(unet, image_size=size, timesteps=1000, sampling_timesteps=50, ddim_sampling_eta=cfg.eta,
                              objective="pred_noise", beta_schedule="linear",
@@ -72,15 +102,16 @@ def theirs(cfg, channels, size):
 
 
 def main(cfg: Config) -> dict:
-    R.check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.chunk > 0, "--steps, --batch-size, --chunk must be positive")
+    R.validate(cfg)
+    names = cfg.models.split(",")
+    if "theirs" in names:
+        import_theirs()  # fails fast, with one line, when the package is missing
     device = R.pick_device(cfg.device)
     bf16 = R.resolve_cpu_bf16(cfg.cpu_bf16)
     c, size, _ = D.dataset_info(cfg.dataset)
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
     xte, _ = D.load_images(cfg.dataset, "test", cfg.data_dir)
     torch.manual_seed(cfg.seed)
-    names = cfg.models.split(",")
-    R.check(set(names) <= {"ours", "theirs"} and names, f"--models: ours, theirs or both, not {cfg.models!r}")
     mcfg = unet_config(cfg, c, num_res_blocks=2)
     build_one = {"ours": lambda: build(mcfg, 1000, "linear", "beta"), "theirs": lambda: theirs(cfg, c, size)}
     models = {k: build_one[k]().to(device) for k in names}
@@ -92,7 +123,7 @@ def main(cfg: Config) -> dict:
           f"of batch {cfg.batch_size} | bf16 {bf16} | {device}")
     flip = D.flips_are_valid(cfg.dataset)
     batches, epoch = [], 0
-    while len(batches) < cfg.steps:  # the same index sequence for both
+    while len(batches) < cfg.steps:  # the same index sequence for both (a batch larger than the data exits 2)
         batches += list(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed))
         epoch += 1
     train_s, losses = {k: 0.0 for k in models}, {k: [] for k in models}
@@ -104,20 +135,21 @@ def main(cfg: Config) -> dict:
                 x0 = D.to_unit_range(xtr[batches[step]].to(device))
                 if flip:
                     x0 = D.random_flip(x0, gen)
-                loss, _ = train_step(model, model, opts[k], emas[k], x0, cfg.lr * min(1.0, (step + 1) / cfg.warmup),
-                                     step, device, bf16, 1.0)
+                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+                loss, _ = train_step(model, model, opts[k], emas[k], x0, lr, step, device, bf16, 1.0)
                 losses[k].append(loss)
             train_s[k] += time.perf_counter() - t0
         done = min(start + cfg.chunk, cfg.steps)
         print(f"step {done}: " + ", ".join(f"{k} loss {sum(v[-cfg.chunk:]) / len(v[-cfg.chunk:]):.4f} "
                                            f"{done / train_s[k]:.2f} steps/s" for k, v in losses.items()), flush=True)
 
-    net = feature_net(cfg.dataset, device, cfg.data_dir)
-    f_test = features(net, xte[:cfg.fid_samples], device)
+    net = feature_net(cfg.dataset, device, cfg.data_dir, cfg.fid_epochs, cfg.fid_cache_dir)
+    n = min(cfg.fid_samples, len(xte))
+    f_test = features(net, xte[:n], device)
     res = {"config": asdict(cfg), "device": str(device)}
     with torch.no_grad():
         for k in models:
-            ema, n, out = emas[k].model, cfg.fid_samples, []
+            ema, out = emas[k].model, []
             torch.manual_seed(cfg.seed)
             t0 = time.perf_counter()
             for i in range(0, n, 500):
@@ -126,8 +158,8 @@ def main(cfg: Config) -> dict:
                     out.append(ema.sample((b, c, size, size), device, "ddim", 50, eta=cfg.eta)[0] if k == "ours"
                                else ema.sample(b))
             sample_s = time.perf_counter() - t0
-            x = torch.cat(out).float().clamp(-1, 1).cpu()
-            P.save_grid((x[:64] + 1) / 2, Path(cfg.out_dir) / f"samples_{k}.png", nrow=8)
+            x = to_8bit(torch.cat(out).float().clamp(-1, 1).cpu())  # the 8-bit pixels a saved PNG holds
+            P.save_grid(x[:64], Path(cfg.out_dir) / f"samples_{k}.png", nrow=8)
             R.save_checkpoint({"ema": ema.state_dict(), "unet_config": mcfg if k == "ours" else None},
                               Path(cfg.out_dir) / f"ema_{k}.pt")  # for looking into the samples later
             res[k] = {"params": params[k], "steps_per_s": round(cfg.steps / train_s[k], 3),

@@ -1,22 +1,23 @@
 """FID and the variational bound for a trained DDPM.
 
 FID protocol: features are the 128-d penultimate layer of a small CNN classifier trained here on the dataset's
-training set (no downloaded Inception weights), cached in data/fid_<dataset>.pt; FID compares N generated images
-with N test images (N = 10k is the protocol; smaller N reads higher, so compare numbers at the same N).
+training set (no downloaded Inception weights), cached in data/fid_<dataset>.pt; FID compares N generated images,
+quantized to the 8-bit pixels a saved PNG holds, with N test images (N = 10k is the protocol; smaller N reads
+higher, so compare numbers at the same N). Results go to summary.json's `eval` section, one entry per setting.
 
     python ddpm/evaluate.py --out-dir out/ddpm --num-samples 10000 --sampler ddim --steps 50
-    python ddpm/evaluate.py --out-dir out/ddpm --nll-images 500 --nll-t 100     # bits/dim bound only
+    python ddpm/evaluate.py --out-dir out/ddpm --num-samples 0 --nll-images 500 --nll-t 100   # bits/dim bound only
 """
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from ddpm.sample import load_diffusion
+from ddpm.sample import check_steps, load_diffusion
 from utils import data as D
 from utils import run as R
 
@@ -35,30 +36,45 @@ class FeatureNet(nn.Module):
         return self.head(self.body(x))
 
 
-def feature_net(dataset, device, data_dir=None, epochs=2, cache_dir=D.REPO / "data"):
-    """Train once (about a minute on a CPU) and cache; later calls load the cached weights."""
-    path = Path(cache_dir) / f"fid_{dataset}.pt"
+def feature_net(dataset, device, data_dir=None, epochs=2, cache_dir=None):
+    """Train once (about a minute on a CPU) and cache in cache_dir (default: the repo's data/); later calls load the
+    cached weights. An unreadable or mismatched cache file is trained over, with a note. Gradients are on here
+    whatever the caller's mode (evaluate.main samples under no_grad), and the training draws from a forked RNG, so
+    the caller's random stream is the same with or without a cache."""
+    path = Path(cache_dir if cache_dir is not None else D.REPO / "data") / f"fid_{dataset}.pt"
     c, _, classes = D.dataset_info(dataset)
-    net = FeatureNet(c, len(classes)).to(device)
     if path.exists():
-        net.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-        return net.eval()
+        net = FeatureNet(c, len(classes)).to(device)
+        try:
+            net.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+            return net.eval()
+        except Exception as e:  # truncated file, random bytes, another dataset's shapes
+            print(f"FID classifier cache {path} is unusable ({type(e).__name__}): training it again")
     x, y = D.load_images(dataset, "train", data_dir)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for epoch in range(epochs):
-        for idx in tqdm(D.shuffled_batches(len(x), 128, epoch), desc=f"FID classifier epoch {epoch + 1}", mininterval=2):
-            loss = F.cross_entropy(net(D.to_unit_range(x[idx].to(device))), y[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        torch.manual_seed(0)
+        net = FeatureNet(c, len(classes)).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for epoch in range(epochs):
+            for idx in R.progress(D.shuffled_batches(len(x), 128, epoch), desc=f"FID classifier epoch {epoch + 1}",
+                                  mininterval=2):
+                loss = F.cross_entropy(net(D.to_unit_range(x[idx].to(device))), y[idx].to(device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     xt, yt = D.load_images(dataset, "test", data_dir)
     net.eval()
     with torch.no_grad():
         acc = sum((net(D.to_unit_range(xt[i:i + 1000].to(device))).argmax(-1).cpu() == yt[i:i + 1000]).sum().item()
                   for i in range(0, len(xt), 1000)) / len(xt)
     print(f"FID feature classifier: test accuracy {acc:.4f}; cached at {path}")
-    R.save_checkpoint({"model": net.state_dict(), "test_acc": acc}, path)
+    R.save_checkpoint({"kind": "ddpm-fid", "dataset": dataset, "model": net.state_dict(), "test_acc": acc}, path)
     return net
+
+
+def to_8bit(x):
+    """Samples in [-1, 1] -> uint8 (N, C, H, W): the pixels a saved PNG holds (utils.plot.to_uint8's rounding)."""
+    return ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 @torch.no_grad()
@@ -83,74 +99,122 @@ def fid(f1, f2):
 @dataclass
 class Config:
     out_dir: str = "out/ddpm"
+    """training output folder: ckpt.pt is read from it, summary.json's `eval` section written to it"""
     ckpt: str | None = None
+    """another checkpoint than out_dir/ckpt.pt"""
     num_samples: int = 10_000
     """generated images for FID (0: skip FID); compared with as many test images"""
-    sampler: str = "ddim"
-    steps: int | None = 50
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50
+    """DDIM steps S, 1 .. T; ignored by ddpm (T steps)"""
     eta: float = 0.0
-    sigma: str | None = None
-    """reverse-process variance sigma_t^2 for ancestral sampling and the NLL bound: beta | beta_tilde
-    (None: the checkpoint's)"""
-    spacing: str = "uniform"
+    """DDIM stochasticity, 0 .. 1"""
+    sigma: Literal["beta", "beta_tilde"] | None = None
+    """reverse-process variance sigma_t^2 for ancestral sampling and the NLL bound (None: the checkpoint's)"""
+    spacing: Literal["uniform", "quadratic"] = "uniform"
     """DDIM timesteps: uniform | quadratic"""
     batch_size: int = 500
     nll_images: int = 0
     """test images for the bits/dim bound (0: skip)"""
     nll_t: int | None = 100
-    """timesteps sampled per image for the bound (None: all T, exact sum)"""
+    """timesteps sampled per batch for the bound's middle terms (None: all T, the exact sum)"""
+    fid_cache_dir: str | None = None
+    """where the FID classifier is cached (None: the repo's data/)"""
+    fid_epochs: int = 2
+    """epochs of the FID classifier, when it is trained (no cache yet)"""
     data_dir: str | None = None
     cpu_bf16: bool | None = None
     """sample with bf16 autocast on the CPU (the network only; the chain stays fp32); None: on with AMX or
     AVX512-BF16"""
     seed: int = 0
+    """seeds the starting noise of the samples (and the bound's draws)"""
     device: str = "auto"
 
+    def check(self):
+        R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
+        R.file_exists(self.ckpt, "--ckpt")
+        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.check(self.fid_cache_dir is None or not Path(self.fid_cache_dir).is_file(),
+                f"--fid-cache-dir {self.fid_cache_dir} is a file, not a folder")
+        R.between(self, "num_samples", 0, 100_000)
+        R.between(self, "nll_images", 0, 100_000)
+        R.check(self.num_samples > 0 or self.nll_images > 0, "nothing to do: --num-samples and --nll-images are 0")
+        R.positive(self, "steps")
+        R.one_of(self, "sampler", ("ddpm", "ddim"))  # Literal: tyro checks the CLI, this the Python callers
+        R.one_of(self, "spacing", ("uniform", "quadratic"))
+        R.one_of(self, "sigma", (None, "beta", "beta_tilde"))
+        R.between(self, "eta", 0, 1)
+        R.between(self, "batch_size", 1, 10_000)
+        R.check(self.nll_t is None or 1 <= self.nll_t <= 100_000, f"--nll-t must be in [1, 100000] (or None: all T), "
+                                                                   f"got {self.nll_t}")
+        R.between(self, "fid_epochs", 1, 100)
 
-@torch.no_grad()
+
+def result_key(kind, cfg, diffusion, n, step):
+    """summary.json's key for one evaluation: every setting that changes its number (sigma does not change DDIM;
+    eta and spacing do not change the ancestral sampler), so runs with other settings do not overwrite it."""
+    if kind == "nll":
+        return f"nll_{'allT' if cfg.nll_t is None else f't{cfg.nll_t}'}_{diffusion.sigma}_seed{cfg.seed}_n{n}_step{step}"
+    how = (f"ddpm{diffusion.T}_{diffusion.sigma}" if cfg.sampler == "ddpm"
+           else f"ddim{cfg.steps}_{cfg.spacing}_eta{cfg.eta:g}")
+    return f"fid_{how}_seed{cfg.seed}_n{n}_step{step}"
+
+
 def main(cfg: Config) -> dict:
-    R.check(cfg.num_samples >= 0 and cfg.nll_images >= 0, "--num-samples and --nll-images must be >= 0")
-    R.check(cfg.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim")
-    R.check(cfg.spacing in ("uniform", "quadratic"), "--spacing must be uniform or quadratic")
-    R.check(cfg.sigma in (None, "beta", "beta_tilde"), "--sigma must be beta or beta_tilde")
+    R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     diffusion, ckpt = load_diffusion(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device)
+    check_steps(cfg.steps, diffusion, cfg.sampler)
     diffusion.sigma = cfg.sigma or diffusion.sigma
     c, size, _ = D.dataset_info(ckpt["dataset"])
     xte, _ = D.load_images(ckpt["dataset"], "test", cfg.data_dir)
-    torch.manual_seed(cfg.seed)
-    res = {"step": ckpt["step"], "dataset": ckpt["dataset"]}
+    bf16 = R.resolve_cpu_bf16(cfg.cpu_bf16)
+    res, entries = {"step": ckpt["step"], "dataset": ckpt["dataset"]}, {}
     if cfg.num_samples:
         n = min(cfg.num_samples, len(xte))
-        net = feature_net(ckpt["dataset"], device, cfg.data_dir)
+        net = feature_net(ckpt["dataset"], device, cfg.data_dir, cfg.fid_epochs, cfg.fid_cache_dir)  # trains with grad
+        torch.manual_seed(cfg.seed)
         t0, samples = time.perf_counter(), []
-        for i in tqdm(range(0, n, cfg.batch_size), desc=f"sampling ({cfg.sampler})"):
-            with R.autocast(device, R.resolve_cpu_bf16(cfg.cpu_bf16)):
-                x, _ = diffusion.sample((min(cfg.batch_size, n - i), c, size, size), device, cfg.sampler, cfg.steps,
-                                        cfg.eta, spacing=cfg.spacing)
-            samples.append(x.cpu())
+        with torch.no_grad():
+            for i in R.progress(range(0, n, cfg.batch_size), desc=f"sampling ({cfg.sampler})"):
+                with R.autocast(device, bf16):
+                    x, _ = diffusion.sample((min(cfg.batch_size, n - i), c, size, size), device, cfg.sampler,
+                                            cfg.steps, cfg.eta, spacing=cfg.spacing)
+                samples.append(to_8bit(x.cpu()))  # what a user saves, and what the test images are
         sample_s = time.perf_counter() - t0
-        res.update(fid=fid(features(net, torch.cat(samples), device), features(net, xte[:n], device)),
-                   fid_n=n, sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
-                   spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma,
-                   sample_s=round(sample_s, 1), sample_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16) or device.type == "cuda",
-                   sample_images_per_s=round(n / sample_s, 2))
-        print(f"FID {res['fid']:.2f} ({n} samples, {cfg.sampler}{'' if cfg.sampler == 'ddpm' else cfg.steps}, "
+        r = dict(fid=fid(features(net, torch.cat(samples), device), features(net, xte[:n], device)), fid_n=n,
+                 sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
+                 spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma, seed=cfg.seed, step=ckpt["step"],
+                 sample_s=round(sample_s, 1), sample_bf16=bf16 or device.type == "cuda",
+                 sample_images_per_s=round(n / sample_s, 2))
+        entries[result_key("fid", cfg, diffusion, n, ckpt["step"])] = r
+        res.update(r)
+        print(f"FID {r['fid']:.2f} ({n} samples, {cfg.sampler}{'' if cfg.sampler == 'ddpm' else cfg.steps}, "
               f"{sample_s:.0f} s)")
     if cfg.nll_images:
+        n = min(cfg.nll_images, len(xte))
+        torch.manual_seed(cfg.seed)
         t0, bpd = time.perf_counter(), []
-        for i in tqdm(range(0, cfg.nll_images, cfg.batch_size), desc="NLL bound"):
-            x0 = D.to_unit_range(xte[i:min(i + cfg.batch_size, cfg.nll_images)].to(device))
+        for i in R.progress(range(0, n, cfg.batch_size), desc="NLL bound"):
+            x0 = D.to_unit_range(xte[i:min(i + cfg.batch_size, n)].to(device))
             bpd.append(diffusion.nll_bound_bpd(x0, cfg.nll_t).cpu())
-        res.update(nll_bpd=torch.cat(bpd).mean().item(), nll_images=cfg.nll_images, nll_t=cfg.nll_t or diffusion.T,
-                   nll_s=round(time.perf_counter() - t0, 1))
-        print(f"NLL bound {res['nll_bpd']:.3f} bits/dim on {cfg.nll_images} test images "
+        r = dict(nll_bpd=torch.cat(bpd).mean().item(), nll_images=n, nll_t=cfg.nll_t or diffusion.T,
+                 sigma=diffusion.sigma, seed=cfg.seed, step=ckpt["step"], nll_s=round(time.perf_counter() - t0, 1))
+        entries[result_key("nll", cfg, diffusion, n, ckpt["step"])] = r
+        res.update(r)
+        print(f"NLL bound {r['nll_bpd']:.3f} bits/dim on {n} test images "
               f"({'all T' if cfg.nll_t is None else f'{cfg.nll_t} sampled'} timesteps)")
     summary_path = out / "summary.json"
-    summary = R.read_json(summary_path) if summary_path.exists() else {}
-    summary.setdefault("eval", {})[f"{res.get('sampler', 'nll')}{res.get('sampler_steps', '')}"] = res
+    try:
+        summary = R.read_json(summary_path) if summary_path.exists() else {}
+    except (OSError, ValueError):
+        summary = {}
+    summary = summary if isinstance(summary, dict) else {}
+    eval_ = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
+    summary["eval"] = {**eval_, **entries}
     R.write_json(summary_path, summary)
+    res["keys"] = list(entries)
     return res
 
 

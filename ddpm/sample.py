@@ -6,9 +6,9 @@
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from ddpm.train import build
 from utils import data as D
@@ -19,15 +19,17 @@ from utils import run as R
 @dataclass
 class Config:
     out_dir: str = "out/ddpm"
+    """training output folder: ckpt.pt is read from it, the PNG and GIF written to it"""
     ckpt: str | None = None
+    """another checkpoint than out_dir/ckpt.pt"""
     num_samples: int = 64
-    sampler: str = "ddpm"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
     """ddpm (ancestral, T steps) | ddim"""
-    steps: int | None = None
-    """DDIM steps S (default 50); ignored by ddpm"""
+    steps: int = 50
+    """DDIM steps S, 1 .. T; ignored by ddpm"""
     eta: float = 0.0
     """DDIM stochasticity: 0 deterministic, 1 ancestral-like"""
-    spacing: str = "uniform"
+    spacing: Literal["uniform", "quadratic"] = "uniform"
     """DDIM timesteps: uniform | quadratic (denser near t = 0)"""
     gif_frames: int = 40
     """snapshots of the chain in reverse.gif (0: no GIF)"""
@@ -36,12 +38,32 @@ class Config:
     seed: int = 0
     device: str = "auto"
 
+    def check(self):
+        R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
+        R.file_exists(self.ckpt, "--ckpt")
+        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.between(self, "num_samples", 1, 10_000)
+        R.positive(self, "steps")
+        R.one_of(self, "sampler", ("ddpm", "ddim"))  # Literal: tyro checks the CLI, this the Python callers
+        R.one_of(self, "spacing", ("uniform", "quadratic"))
+        R.between(self, "eta", 0, 1)
+        R.between(self, "gif_frames", 0, 1000)
+
 
 def load_diffusion(path, device, use_ema=True):
-    ckpt = R.load_checkpoint(path, "ddpm", device)
-    diffusion = build(ckpt["model_config"], **ckpt["diffusion"]).to(device)
-    diffusion.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+    ckpt = R.load_checkpoint(path, "ddpm", device, keys=("model", "ema", "model_config", "diffusion", "dataset", "step"))
+    try:
+        diffusion = build(ckpt["model_config"], **ckpt["diffusion"]).to(device)
+    except (TypeError, AssertionError, ValueError) as e:
+        R.die(f"{path}: the checkpoint's model settings are unusable ({type(e).__name__}: {e})")
+    R.load_state(diffusion, ckpt["ema"] if use_ema else ckpt["model"], "EMA model" if use_ema else "model")
     return diffusion.eval(), ckpt
+
+
+def check_steps(steps, diffusion, sampler):
+    """DDIM steps are checked against the checkpoint's T, known once it is loaded."""
+    R.check(sampler != "ddim" or 1 <= steps <= diffusion.T,
+            f"--steps {steps}: a DDIM grid has 1 .. T = {diffusion.T} steps (the checkpoint's T)")
 
 
 def forward_process_figure(diffusion, x0, path):
@@ -56,22 +78,18 @@ def forward_process_figure(diffusion, x0, path):
 
 @torch.no_grad()
 def main(cfg: Config) -> dict:
-    R.check(cfg.num_samples > 0, "--num-samples must be positive")
-    R.check(cfg.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim")
-    R.check(cfg.steps is None or cfg.steps > 0, "--steps must be positive")
-    R.check(0 <= cfg.eta <= 1, "--eta must be in [0, 1]")
-    R.check(cfg.spacing in ("uniform", "quadratic"), "--spacing must be uniform or quadratic")
+    R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     diffusion, ckpt = load_diffusion(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device, cfg.use_ema)
-    R.check(cfg.steps is None or cfg.steps <= diffusion.T, f"--steps must be at most T = {diffusion.T}")
+    check_steps(cfg.steps, diffusion, cfg.sampler)
     c, size, _ = D.dataset_info(ckpt["dataset"])
     torch.manual_seed(cfg.seed)
-    n_steps = diffusion.T if cfg.sampler == "ddpm" else len(diffusion.ddim_timesteps(cfg.steps or 50))
+    n_steps = diffusion.T if cfg.sampler == "ddpm" else cfg.steps
     every = max(1, n_steps // cfg.gif_frames) if cfg.gif_frames else 0
     t0 = time.perf_counter()
     x, traj = diffusion.sample((cfg.num_samples, c, size, size), device, cfg.sampler, cfg.steps, cfg.eta, every,
-                               progress=lambda it: tqdm(it, desc=f"{cfg.sampler} sampling", mininterval=1),
+                               progress=lambda it: R.progress(it, desc=f"{cfg.sampler} sampling", mininterval=1),
                                spacing=cfg.spacing)
     dt = time.perf_counter() - t0
     tag = cfg.sampler if cfg.sampler == "ddpm" else f"ddim{n_steps}"
@@ -86,8 +104,8 @@ def main(cfg: Config) -> dict:
         forward_process_figure(diffusion, D.to_unit_range(x_real[:6].to(device)), out / "forward_process.png")
     except SystemExit:
         print("(no test images found: skipped forward_process.png)")
-    result = {"sampler": cfg.sampler, "steps": n_steps, "eta": cfg.eta, "num_samples": cfg.num_samples,
-              "seconds": dt, "images_per_s": cfg.num_samples / dt}
+    result = {"sampler": cfg.sampler, "steps": n_steps, "eta": cfg.eta, "spacing": cfg.spacing, "seed": cfg.seed,
+              "num_samples": cfg.num_samples, "seconds": dt, "images_per_s": cfg.num_samples / dt}
     print(f"{cfg.num_samples} samples with {tag} in {dt:.1f} s ({result['images_per_s']:.2f} img/s) -> "
           f"{out / f'samples_{tag}.png'}" + (f", {out / f'reverse_{tag}.gif'}" if every else ""))
     return result

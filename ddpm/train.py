@@ -58,6 +58,8 @@ class Config(R.ImageRunConfig):
     """bf16 autocast on the CPU too; None: on when the CPU has AMX or AVX512-BF16 (always on for CUDA)"""
     sample_interval: int = 2000
     """a DDIM-50 grid of the EMA model every this many steps (0: only at the end)"""
+    grid_samples: int = 64
+    """images in each samples_step*.png grid"""
     ckpt_interval: int = 500
     """ckpt.pt every this many steps (0: only at the end and on Ctrl-C / SIGTERM)"""
     log_interval: int = 100
@@ -65,6 +67,10 @@ class Config(R.ImageRunConfig):
     def check(self):
         super().check()
         R.positive(self, "steps", "batch_size", "lr", "grad_clip", "log_interval")
+        R.one_of(self, "norm", ("group", "rms"))  # Literal: tyro checks the CLI, this the Python callers
+        R.one_of(self, "schedule", ("linear", "cosine"))
+        R.one_of(self, "sigma", ("beta", "beta_tilde"))
+        R.between(self, "grid_samples", 1, 1024)
         R.nonnegative(self, "warmup", "sample_interval", "ckpt_interval")
         R.between(self, "T", 2, 10_000)
         R.between(self, "dropout", 0, 1, hi_open=True)
@@ -216,7 +222,8 @@ def main(cfg: Config) -> dict:
                     print(f"step {step} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['images_per_s']:.0f} img/s",
                           flush=True)
             if master and cfg.sample_interval and step % cfg.sample_interval == 0 and step < cfg.steps:
-                save_samples(ema.model, out / f"samples_step{step}.png", 64, (c, size, size), device, cfg.seed)
+                save_samples(ema.model, out / f"samples_step{step}.png", cfg.grid_samples, (c, size, size), device,
+                             cfg.seed)
             if master and cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < cfg.steps:
                 totals["wall_s"] += time.time() - t_start
                 t_start = time.time()
@@ -234,7 +241,8 @@ def main(cfg: Config) -> dict:
     if master:
         checkpoint(interrupted_rng)
         if step == cfg.steps:
-            save_samples(ema.model, out / f"samples_step{step}.png", 64, (c, size, size), device, cfg.seed)
+            save_samples(ema.model, out / f"samples_step{step}.png", cfg.grid_samples, (c, size, size), device,
+                             cfg.seed)
         old = out / "summary.json"
         try:  # keep what evaluate.py stored there
             prev = json.loads(old.read_text()) if old.exists() else {}
