@@ -117,7 +117,8 @@ def main(cfg: Config) -> dict:
     from torch_geometric.loader import DataLoader
     device = R.pick_device(cfg.device)
     cache = None if cfg.dataset.startswith("synthetic") else D.REPO / "data"
-    graphs = load_graphs(cfg.dataset, "train", data_dir=cfg.data_dir, limit=cfg.batches * cfg.batch_size, cache_dir=cache)
+    graphs = load_graphs(cfg.dataset, "train", data_dir=cfg.data_dir, limit=cfg.batches * cfg.batch_size,
+                         cache_dir=cache)
     batches = [b.to(device) for b in DataLoader(graphs, cfg.batch_size)]
     n_graphs = sum(b.num_graphs for b in batches) * cfg.rounds
     rows = []

@@ -117,7 +117,8 @@ def read_cache(path, settings):
     try:
         store = torch.load(path, weights_only=True)
         ok = isinstance(store, dict) and all(k in store for k in STORE_KEYS) and store["settings"] == settings
-        ok = ok and int(store["nodes"].sum()) == len(store["x"]) and int(store["edges"].sum()) == store["edge_index"].shape[1]
+        ok = (ok and int(store["nodes"].sum()) == len(store["x"])
+              and int(store["edges"].sum()) == store["edge_index"].shape[1])
     except Exception as e:  # truncated zip, random bytes, a pickle we refuse to run
         print(f"graph cache {path} is unreadable ({type(e).__name__}): rebuilding it")
         return None

@@ -62,8 +62,8 @@ def main(cfg: Config) -> dict:
              "|---|---|---|---|---|---|---|---|---|"]
     for s in results:
         val = f"{s['val_acc']:.4f}" if "val_acc" in s else "-"
-        lines.append(f"| {NAMES[s['layer']]} | `{s['layer']}` | {s['params']:,} | {s['epochs']} | {s['selected_epoch']} "
-                     f"| {val} | {s['test_acc']:.4f} | {s['graphs_per_s']:.0f} | {s['wall_s']:.0f} |")
+        lines.append(f"| {NAMES[s['layer']]} | `{s['layer']}` | {s['params']:,} | {s['epochs']} "
+                     f"| {s['selected_epoch']} | {val} | {s['test_acc']:.4f} | {s['graphs_per_s']:.0f} | {s['wall_s']:.0f} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     P.plot_curves(curves, out / "curves.png", xlabel="epoch",
                   ylabel="validation accuracy" if cfg.val_size != 0 else "training loss",
