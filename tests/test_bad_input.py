@@ -259,7 +259,7 @@ def test_resume_with_other_architecture_names_the_field(pkg, trained, tmp_path, 
     ["ppo/train.py", "--threads", "0"],
     ["ddpm/evaluate.py", "--steps", "0"],
     ["nf/sample.py", "--num-test", "0"],
-    ["gnns/train.py", "--heads", "5"],
+    ["gnns/train.py", "--layer", "attn", "--heads", "5"],
     ["ddpm/train.py", "--dataset", "synthetic", "--batch-size", "2048", "--device", "cpu"],
 ])
 def test_cli_bad_input_exits_2_with_one_line(cmd, tmp_path):
