@@ -145,7 +145,7 @@ class Config:
         R.one_of(self, "sigma", (None, "beta", "beta_tilde"))
         R.between(self, "eta", 0, 1)
         R.between(self, "batch_size", 1, 10_000)
-        R.check(self.nll_t is None or 1 <= self.nll_t <= 100_000, f"--nll-t must be in [1, 100000] (or None: all T), "
+        R.check(self.nll_t is None or 1 <= self.nll_t <= 10_000, f"--nll-t must be in [1, 10000] (or None: all T), "
                                                                    f"got {self.nll_t}")
         R.between(self, "fid_epochs", 1, 100)
 

@@ -70,7 +70,7 @@ class Config(R.ImageRunConfig):
         R.one_of(self, "norm", ("group", "rms"))  # Literal: tyro checks the CLI, this the Python callers
         R.one_of(self, "schedule", ("linear", "cosine"))
         R.one_of(self, "sigma", ("beta", "beta_tilde"))
-        R.between(self, "grid_samples", 1, 1024)
+        R.between(self, "grid_samples", 1, 256)
         R.nonnegative(self, "warmup", "sample_interval", "ckpt_interval")
         R.between(self, "T", 2, 10_000)
         R.between(self, "dropout", 0, 1, hi_open=True)
