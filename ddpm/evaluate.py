@@ -154,7 +154,8 @@ def result_key(kind, cfg, diffusion, n, step):
     """summary.json's key for one evaluation: every setting that changes its number (sigma does not change DDIM;
     eta and spacing do not change the ancestral sampler), so runs with other settings do not overwrite it."""
     if kind == "nll":
-        return f"nll_{'allT' if cfg.nll_t is None else f't{cfg.nll_t}'}_{diffusion.sigma}_seed{cfg.seed}_n{n}_step{step}"
+        ts = "allT" if cfg.nll_t is None else f"t{cfg.nll_t}"
+        return f"nll_{ts}_{diffusion.sigma}_seed{cfg.seed}_n{n}_step{step}"
     how = (f"ddpm{diffusion.T}_{diffusion.sigma}" if cfg.sampler == "ddpm"
            else f"ddim{cfg.steps}_{cfg.spacing}_eta{cfg.eta:g}")
     return f"fid_{how}_seed{cfg.seed}_n{n}_step{step}"

@@ -51,7 +51,8 @@ class Config:
 
 
 def load_diffusion(path, device, use_ema=True):
-    ckpt = R.load_checkpoint(path, "ddpm", device, keys=("model", "ema", "model_config", "diffusion", "dataset", "step"))
+    keys = ("model", "ema", "model_config", "diffusion", "dataset", "step")
+    ckpt = R.load_checkpoint(path, "ddpm", device, keys=keys)
     try:
         diffusion = build(ckpt["model_config"], **ckpt["diffusion"]).to(device)
     except (TypeError, AssertionError, ValueError) as e:

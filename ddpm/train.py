@@ -84,7 +84,7 @@ def check_unet(cfg):
     exist, sizes that fit in memory."""
     R.check(1 <= len(cfg.ch_mult) <= 8 and all(1 <= m <= 16 for m in cfg.ch_mult),
             f"--ch-mult needs 1 to 8 multipliers in [1, 16], got {tuple(cfg.ch_mult)}")
-    R.check(cfg.ch >= 4 and cfg.ch % 2 == 0, f"--ch must be even and >= 4 (the sinusoidal time embedding), got {cfg.ch}")
+    R.check(cfg.ch >= 4 and cfg.ch % 2 == 0, f"--ch must be even and >= 4 (the sinusoidal embedding), got {cfg.ch}")
     for c in sorted({cfg.ch * m for m in cfg.ch_mult}):
         g = min(32, c // 4)
         R.check(c % g == 0, f"--ch {cfg.ch}: width {c} is not divisible by its GroupNorm's min(32, {c} // 4) = {g} "
@@ -234,15 +234,16 @@ def main(cfg: Config) -> dict:
     bar.close()
     interrupted_rng = rng_at_step
     totals["wall_s"] += time.time() - t_start
-    summary = {"final_loss": sum(losses) / len(losses) if losses else float("nan"), "steps": step,
+    summary = {"final_loss": sum(losses) / len(losses) if losses else None, "steps": step,
                "params": n_params, "wall_s": round(totals["wall_s"], 1),
                "images_per_s": round(totals["seen"] / max(totals["train_s"], 1e-9), 1),
-               "steps_per_s": round(totals["timed_steps"] / max(totals["train_s"], 1e-9), 3), "dataset": cfg.dataset, "world_size": world, "device": str(device)}
+               "steps_per_s": round(totals["timed_steps"] / max(totals["train_s"], 1e-9), 3), "dataset": cfg.dataset,
+               "world_size": world, "device": str(device)}
     if master:
         checkpoint(interrupted_rng)
         if step == cfg.steps:
             save_samples(ema.model, out / f"samples_step{step}.png", cfg.grid_samples, (c, size, size), device,
-                             cfg.seed)
+                         cfg.seed)
         old = out / "summary.json"
         try:  # keep what evaluate.py stored there
             prev = json.loads(old.read_text()) if old.exists() else {}
@@ -251,7 +252,7 @@ def main(cfg: Config) -> dict:
         if isinstance(prev, dict) and "eval" in prev:
             summary["eval"] = prev["eval"]
         R.write_json(old, summary)
-        print(f"done: loss {summary['final_loss']:.4f} after {step} steps, {summary['wall_s']} s of wall time "
+        print(f"done: loss {summary['final_loss'] or float('nan'):.4f} after {step} steps, {summary['wall_s']} s of wall time "
               f"({summary['steps_per_s']} steps/s) -> {out}")
     log.close()
     R.ddp_cleanup()
