@@ -37,7 +37,7 @@ demo: install data
 	@echo "== ddpm: DDPM on Fashion-MNIST"
 	$(PY) ddpm/train.py --preset quick --out-dir $(OUT)/ddpm
 	$(PY) ddpm/sample.py --out-dir $(OUT)/ddpm --sampler ddim --steps 50
-	@echo "== gnns: GCN vs GAT vs MPNN on Fashion-MNIST superpixel graphs"
+	@echo "== gnns: GCN vs GAT vs MPNN on Fashion-MNIST superpixel graphs (a short run: 5,000 graphs, 4 epochs each)"
 	$(PY) gnns/sample.py --preset quick --out-dir $(OUT)/gnns
 	@echo
 	@echo "Outputs under $(OUT)/:"
@@ -47,7 +47,7 @@ demo: install data
 	@echo "  nf/samples_ranked.png, interpolation.png            Real NVP samples ranked by likelihood"
 	@echo "  ddpm/samples_ddim50.png, reverse_ddim50.gif         DDPM samples and the reverse process"
 	@echo "  gnns/compare.md, curves.png                         the three GNN flavours side by side"
-	@$(PY) -c "import json,glob; [print(f'  {p}: ' + ', '.join(f'{k}={v:.4g}' for k, v in json.load(open(p)).items() if k in ('val_loss','test_acc','eval_return_mean','test_bpd','final_loss'))) for p in sorted(glob.glob('$(OUT)/*/summary.json'))]"
+	@$(PY) -c "import json,glob; [print(f'  {p}: ' + ', '.join(f'{k}={v:.4g}' for k, v in json.load(open(p)).items() if k in ('val_loss','test_acc','eval_return_mean','test_bpd','final_loss'))) for p in sorted(glob.glob('$(OUT)/*/summary.json')) + sorted(glob.glob('$(OUT)/gnns/*/summary.json'))]"
 
 bench: install
 	$(PIP) install -r requirements-bench.txt

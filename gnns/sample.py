@@ -3,7 +3,7 @@ Every train.py flag applies to all three runs, passed through unchanged; each ru
 validation split and evaluates the test set once, on that checkpoint.
 
     python gnns/sample.py                        # conv, attn, mpnn in turn -> out/gnns/compare.md, curves.png
-    python gnns/sample.py --preset quick         # 3,000 graphs, 2 epochs each
+    python gnns/sample.py --preset quick         # 5,000 graphs, 4 epochs each: a short run
 """
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
