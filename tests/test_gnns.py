@@ -249,10 +249,10 @@ def test_compare_passes_every_train_field_through(tmp_path, monkeypatch):
         seen.append(cfg)
         return {"interrupted": True}
     monkeypatch.setattr(train, "main", fake_main)
-    for args, want in [(["--preset", "quick", "--epochs", "10"], dict(epochs=10, train_limit=3000, test_limit=1000)),
+    for args, want in [(["--preset", "quick", "--epochs", "10"], dict(epochs=10, train_limit=5000, test_limit=1000)),
                        (["--preset", "paper", "--patience", "2"], dict(epochs=100, patience=2)),
                        (["--preset", "quick", "--epochs", "10", "--val-size", "0", "--lr", "0.001"],
-                        dict(epochs=10, val_size=0, lr=1e-3, train_limit=3000))]:
+                        dict(epochs=10, val_size=0, lr=1e-3, train_limit=5000))]:
         cfg = R.parse(sample.Config, sample.PRESETS, args=args + ["--out-dir", str(tmp_path)])
         seen.clear()
         sample.main(cfg)
