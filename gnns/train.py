@@ -139,6 +139,7 @@ def recompute_bn_stats(model, graphs, batch_size, device):
 
 def main(cfg: Config) -> dict:
     R.validate(cfg)
+    R.single_process("GNN training")
     from torch_geometric.loader import DataLoader
     device = R.pick_device(cfg.device)
     R.seed_everything(cfg.seed)

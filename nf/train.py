@@ -110,6 +110,7 @@ def eval_bpd(model, x, device, batch_size=500, max_batches=None):
 
 def main(cfg: Config) -> dict:
     R.validate(cfg)
+    R.single_process("Real NVP training")
     device = R.pick_device(cfg.device)
     cfg = replace(cfg, cpu_bf16=R.resolve_cpu_bf16(cfg.cpu_bf16))
     R.seed_everything(cfg.seed)

@@ -167,7 +167,7 @@ def clone(x):
 
 def main(cfg: Config) -> dict:
     R.validate(cfg)
-    R.check(not R.launched_by_torchrun(), "PPO runs in one process: start it with python, not torchrun")
+    R.single_process("PPO")
     check_env(cfg.env, installed=True)
     torch.set_num_threads(cfg.threads)
     R.seed_everything(cfg.seed)

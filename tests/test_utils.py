@@ -212,3 +212,19 @@ def test_truncated_idx_in_data_is_replaced_by_debians_copy(tmp_path, monkeypatch
         (raw / f).write_bytes(b"\x00\x00\x08\x03truncated")
     x, y = data.load_images("fashion-mnist", "test")
     assert x.shape == (10000, 1, 28, 28)
+
+
+@pytest.mark.parametrize("pkg", ["nf", "gnns", "ppo"])
+def test_packages_without_ddp_refuse_torchrun(pkg, monkeypatch, tmp_path, capsys):
+    """Under torchrun each process would train the same run into the same folder: one line, exit 2."""
+    mod = importlib.import_module(f"{pkg}.train")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = {"nf": ["--dataset", "synthetic", "--steps", "1", "--val-size", "64"],
+            "gnns": ["--dataset", "synthetic", "--epochs", "1", "--train-limit", "64"],
+            "ppo": ["--total-timesteps", "128", "--num-envs", "2", "--num-steps", "64", "--minibatch-size", "64"]}[pkg]
+    cfg = run.parse(mod.Config, mod.PRESETS, args=args + ["--out-dir", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        mod.main(cfg)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "torchrun" in err and not (tmp_path / "ckpt.pt").exists()

@@ -360,6 +360,11 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def single_process(what):
+    """For the packages without DDP: under torchrun every process would train the same run into one folder."""
+    check(not launched_by_torchrun(), f"{what} runs in one process: start it with python, not torchrun")
+
+
 def ddp_setup(device_name="auto"):
     """Under torchrun (even with one process): init the process group, NCCL on CUDA and gloo on CPU.
     Returns (rank, world, device); (0, 1, device) for a plain `python train.py`."""
