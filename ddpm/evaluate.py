@@ -6,6 +6,7 @@ quantized to the 8-bit pixels a saved PNG holds, with N test images (N = 10k is 
 higher, so compare numbers at the same N). Results go to summary.json's `eval` section, one entry per setting.
 
     python ddpm/evaluate.py --out-dir out/ddpm --num-samples 10000 --sampler ddim --steps 50
+    python ddpm/evaluate.py --out-dir out/ddpm --num-samples 10000 --sampler dpm++ --steps 20
     python ddpm/evaluate.py --out-dir out/ddpm --num-samples 0 --nll-images 500 --nll-t 100   # bits/dim bound only
 """
 import time
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm.sample import check_steps, load_diffusion
+from ddpm.sample import check_sampler, check_steps, load_diffusion, sampler_tag
 from utils import data as D
 from utils import run as R
 
@@ -104,15 +105,16 @@ class Config:
     """another checkpoint than out_dir/ckpt.pt"""
     num_samples: int = 10_000
     """generated images for FID (0: skip FID); compared with as many test images"""
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    """ddpm (ancestral, T steps) | ddim | dpm++ (DPM-Solver++(2M)); the parameterization is the checkpoint's"""
     steps: int = 50
-    """DDIM steps S, 1 .. T; ignored by ddpm (T steps)"""
+    """DDIM / DPM-Solver++ steps S, 1 .. T; ignored by ddpm (T steps)"""
     eta: float = 0.0
-    """DDIM stochasticity, 0 .. 1"""
+    """DDIM stochasticity, 0 .. 1 (dpm++: 0 only)"""
     sigma: Literal["beta", "beta_tilde"] | None = None
     """reverse-process variance sigma_t^2 for ancestral sampling and the NLL bound (None: the checkpoint's)"""
     spacing: Literal["uniform", "quadratic"] = "uniform"
-    """DDIM timesteps: uniform | quadratic"""
+    """DDIM timesteps: uniform | quadratic (dpm++: its own logSNR grid)"""
     batch_size: int = 500
     nll_images: int = 0
     """test images for the bits/dim bound (0: skip)"""
@@ -139,11 +141,8 @@ class Config:
         R.between(self, "num_samples", 0, 100_000)
         R.between(self, "nll_images", 0, 100_000)
         R.check(self.num_samples > 0 or self.nll_images > 0, "nothing to do: --num-samples and --nll-images are 0")
-        R.positive(self, "steps")
-        R.one_of(self, "sampler", ("ddpm", "ddim"))  # Literal: tyro checks the CLI, this the Python callers
-        R.one_of(self, "spacing", ("uniform", "quadratic"))
+        check_sampler(self)
         R.one_of(self, "sigma", (None, "beta", "beta_tilde"))
-        R.between(self, "eta", 0, 1)
         R.between(self, "batch_size", 1, 10_000)
         R.check(self.nll_t is None or 1 <= self.nll_t <= 10_000, f"--nll-t must be in [1, 10000] (or None: all T), "
                                                                    f"got {self.nll_t}")
@@ -157,7 +156,8 @@ def result_key(kind, cfg, diffusion, n, step):
         ts = "allT" if cfg.nll_t is None else f"t{cfg.nll_t}"
         return f"nll_{ts}_{diffusion.sigma}_seed{cfg.seed}_n{n}_step{step}"
     how = (f"ddpm{diffusion.T}_{diffusion.sigma}" if cfg.sampler == "ddpm"
-           else f"ddim{cfg.steps}_{cfg.spacing}_eta{cfg.eta:g}")
+           else f"ddim{cfg.steps}_{cfg.spacing}_eta{cfg.eta:g}" if cfg.sampler == "ddim"
+           else sampler_tag(cfg.sampler, cfg.steps))
     return f"fid_{how}_seed{cfg.seed}_n{n}_step{step}"
 
 
@@ -186,12 +186,13 @@ def main(cfg: Config) -> dict:
         sample_s = time.perf_counter() - t0
         r = dict(fid=fid(features(net, torch.cat(samples), device), features(net, xte[:n], device)), fid_n=n,
                  sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
+                 parameterization=diffusion.parameterization,
                  spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma, seed=cfg.seed, step=ckpt["step"],
                  sample_s=round(sample_s, 1), sample_bf16=bf16 or device.type == "cuda",
                  sample_images_per_s=round(n / sample_s, 2))
         entries[result_key("fid", cfg, diffusion, n, ckpt["step"])] = r
         res.update(r)
-        print(f"FID {r['fid']:.2f} ({n} samples, {cfg.sampler}{'' if cfg.sampler == 'ddpm' else cfg.steps}, "
+        print(f"FID {r['fid']:.2f} ({n} samples, {sampler_tag(cfg.sampler, cfg.steps)}, "
               f"{sample_s:.0f} s)")
     if cfg.nll_images:
         n = min(cfg.nll_images, len(xte))

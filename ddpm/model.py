@@ -1,7 +1,11 @@
 """Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020, arXiv 2006.11239), with DDIM sampling
-(Song, Meng, Ermon 2021, arXiv 2010.02502). Equation numbers refer to the DDPM paper.
+(Song, Meng, Ermon 2021, arXiv 2010.02502) and DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095; ddpm/solvers.py).
+Equation numbers refer to the DDPM paper unless a paper is named.
 
-The algorithm is separate from the network: Diffusion(eps_model=UNet(...)).
+Options beside the paper's: v-prediction (Salimans & Ho 2022, arXiv 2202.00512) and min-SNR-gamma loss weights
+(Hang et al. 2023, arXiv 2303.09556). The algorithm is separate from the network: Diffusion(eps_model=UNet(...));
+the network's output is noise eps or velocity v as `parameterization` says, and `predict_x0_eps` is the one place
+that turns it into (x0, eps) for every sampler and the bound.
 """
 import copy
 import math
@@ -9,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ddpm.solvers import dpm_solver_pp_step, logsnr_timesteps
 
 
 def linear_betas(T=1000, beta_1=1e-4, beta_T=0.02):
@@ -26,10 +32,13 @@ def cosine_betas(T=1000, s=0.008):
 class Diffusion(nn.Module):
     """Timesteps are 0-indexed: index t here is the paper's t + 1, so x_0 is data and index T - 1 is x_T."""
 
-    def __init__(self, eps_model, T=1000, schedule="linear", sigma="beta", clip_denoised=True):
+    def __init__(self, eps_model, T=1000, schedule="linear", sigma="beta", clip_denoised=True, parameterization="eps",
+                 loss_weight="none", min_snr_gamma=5.0):
         super().__init__()
         assert schedule in ("linear", "cosine") and sigma in ("beta", "beta_tilde")
+        assert parameterization in ("eps", "v") and loss_weight in ("none", "min-snr") and min_snr_gamma > 0
         self.eps_model, self.T, self.sigma, self.clip_denoised = eps_model, T, sigma, clip_denoised
+        self.parameterization, self.loss_weight, self.min_snr_gamma = parameterization, loss_weight, min_snr_gamma
         betas = linear_betas(T) if schedule == "linear" else cosine_betas(T)
         alpha_bar = torch.cumprod(1 - betas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
@@ -50,11 +59,32 @@ class Diffusion(nn.Module):
         ab = self._at(self.alpha_bar, t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
-    def loss(self, x0):
-        """Simplified objective, Eq. (14) / Algorithm 1: E_{t, x_0, eps} || eps - eps_theta(x_t, t) ||^2."""
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
-        return F.mse_loss(self.eps_model(self.q_sample(x0, t, eps), t), eps)
+    def loss(self, x0, t=None, eps=None):
+        """Simplified objective, Eq. (14) / Algorithm 1: E_{t, x_0, eps} || eps - eps_theta(x_t, t) ||^2; with
+        parameterization "v" the target is v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022);
+        with loss_weight "min-snr" each image's squared error is weighted by `snr_weight(t)`. t and eps are drawn
+        here unless given (a test pins them)."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device) if t is None else t
+        eps = torch.randn_like(x0) if eps is None else eps
+        xt = self.q_sample(x0, t, eps)
+        if self.parameterization == "eps":
+            target = eps
+        else:
+            ab = self._at(self.alpha_bar, t, x0)
+            target = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        out = self.eps_model(xt, t)
+        if self.loss_weight == "none":
+            return F.mse_loss(out, target)
+        per_image = (out.float() - target).pow(2).flatten(1).mean(1)  # (B,)
+        return (self.snr_weight(t) * per_image).mean()
+
+    def snr_weight(self, t):
+        """Min-SNR-gamma (Hang et al. 2023), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the weight
+        min(SNR_t, gamma) / SNR_t on the eps loss, min(SNR_t, gamma) / (SNR_t + 1) on the v loss (both weight the x0
+        error by min(SNR_t, gamma))."""
+        ab = self.alpha_bar[t]
+        snr = ab / (1 - ab)
+        return snr.clamp(max=self.min_snr_gamma) / (snr if self.parameterization == "eps" else snr + 1)
 
     def forward(self, x0):
         """The training loss, so that DistributedDataParallel sees the forward pass."""
@@ -66,14 +96,34 @@ class Diffusion(nn.Module):
         x0 = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
         return x0.clamp(-1, 1) if self.clip_denoised else x0
 
+    def predict_x0_eps(self, out, xt, t):
+        """The network's output -> (x0_hat, eps_hat), the one conversion every sampler and the bound use.
+        eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) (Eq. 4 inverted).
+        v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022): x0 = sqrt(ab) x_t - sqrt(1 - ab) v and
+        eps = sqrt(1 - ab) x_t + sqrt(ab) v (a rotation, as ab + (1 - ab) = 1).
+        With clip_denoised, x0 is clipped to [-1, 1] and eps re-derived from it, so that
+        x_t = sqrt(ab) x0 + sqrt(1 - ab) eps still holds (DDIM relies on it; the ancestral mean uses x0 only)."""
+        ab = self._at(self.alpha_bar, t, xt)
+        if self.parameterization == "eps":
+            x0, eps = self.predict_x0(xt, t, out), out
+        else:
+            x0, eps = ab.sqrt() * xt - (1 - ab).sqrt() * out, (1 - ab).sqrt() * xt + ab.sqrt() * out
+            x0 = x0.clamp(-1, 1) if self.clip_denoised else x0
+        if self.clip_denoised:  # keep eps consistent with the clipped x0
+            eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return x0, eps
+
+    def denoise(self, xt, t):
+        """(x0_hat, eps_hat) at (B,) timesteps t from the network, in fp32 also under bf16 autocast."""
+        return self.predict_x0_eps(self.eps_model(xt, t).float(), xt, t)
+
     def sigma2(self, t):
         """sigma_t^2 = beta_t or beta_tilde_t (Section 3.2; both gave similar results in the paper)."""
         return self.betas[t] if self.sigma == "beta" else self.beta_tilde[t]
 
     def p_mean(self, xt, t):
         """mu_theta(x_t, t): the posterior mean of Eq. (7) at the predicted x_0 (equal to Eq. (11) when unclipped)."""
-        eps = self.eps_model(xt, t).float()  # fp32 chain arithmetic, also under bf16 autocast
-        x0 = self.predict_x0(xt, t, eps)
+        x0, _ = self.denoise(xt, t)  # fp32 chain arithmetic, also under bf16 autocast
         return self._at(self.coef0, t, xt) * x0 + self._at(self.coef_t, t, xt) * xt
 
     @torch.no_grad()
@@ -109,11 +159,7 @@ class Diffusion(nn.Module):
     def ddim_step(self, xt, t_int, t_prev, eta):
         """DDIM Eq. (12): x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_theta + sigma z."""
         t = torch.full((xt.shape[0],), t_int, device=xt.device, dtype=torch.long)
-        eps = self.eps_model(xt, t).float()
-        x0 = self.predict_x0(xt, t, eps)
-        if self.clip_denoised:  # keep eps consistent with the clipped x0
-            ab = self.alpha_bar[t_int]
-            eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+        x0, eps = self.denoise(xt, t)  # eps re-derived from the clipped x0 with clip_denoised
         ab_prev = self.alpha_bar[t_prev] if t_prev >= 0 else self.alpha_bar.new_tensor(1.0)
         sigma = self.ddim_sigma(t_int, t_prev, eta)
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -121,18 +167,28 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, shape, device, sampler="ddpm", steps=None, eta=0.0, trajectory_every=0, progress=None,
-               spacing="uniform"):
-        """x_T ~ N(0, I), then the reverse chain. Returns (x_0 in [-1, 1], [x_t snapshots] if trajectory_every)."""
+               spacing="uniform", order=2):
+        """x_T ~ N(0, I), then the reverse chain: ddpm (Algorithm 2, T steps), ddim (S steps on `spacing`) or dpm++
+        (DPM-Solver++(2M), S steps on the logSNR grid; `order` 1 is DDIM eta = 0 on that grid). S model calls for
+        S steps. Returns (x_0 in [-1, 1], [x_t snapshots] if trajectory_every)."""
         x = torch.randn(shape, device=device)
         traj = [x] if trajectory_every else []
         if sampler == "ddpm":
             ts = list(range(self.T - 1, -1, -1))
             pairs = [(t, t - 1) for t in ts]
         else:
-            tau = self.ddim_timesteps(50 if steps is None else steps, spacing).tolist()
+            S = 50 if steps is None else steps
+            tau = self.ddim_timesteps(S, spacing) if sampler == "ddim" else logsnr_timesteps(self.alpha_bar, S)
+            tau = tau.tolist()
             pairs = [(tau[i], tau[i - 1] if i > 0 else -1) for i in range(len(tau) - 1, -1, -1)]
+        prev = None  # DPM-Solver++'s previous x0 prediction and its timestep
         for i, (t, t_prev) in enumerate(progress(pairs) if progress else pairs):
-            x = self.p_sample(x, t) if sampler == "ddpm" else self.ddim_step(x, t, t_prev, eta)
+            if sampler == "ddpm":
+                x = self.p_sample(x, t)
+            elif sampler == "ddim":
+                x = self.ddim_step(x, t, t_prev, eta)
+            else:
+                x, prev = dpm_solver_pp_step(self, x, t, t_prev, prev, order)
             if trajectory_every and ((i + 1) % trajectory_every == 0 or t_prev < 0):
                 traj.append(x)
         return x.clamp(-1, 1), traj

@@ -2,6 +2,9 @@
 
     python ddpm/sample.py --out-dir out/ddpm                          # 1000-step ancestral sampling (Algorithm 2)
     python ddpm/sample.py --out-dir out/ddpm --sampler ddim --steps 50
+    python ddpm/sample.py --out-dir out/ddpm --sampler dpm++ --steps 20   # DPM-Solver++(2M), logSNR time steps
+
+The network's parameterization (eps or v) is read from the checkpoint.
 """
 import time
 from dataclasses import dataclass
@@ -23,14 +26,14 @@ class Config:
     ckpt: str | None = None
     """another checkpoint than out_dir/ckpt.pt"""
     num_samples: int = 64
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    """ddpm (ancestral, T steps) | ddim"""
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
+    """ddpm (ancestral, T steps) | ddim | dpm++ (DPM-Solver++(2M), Lu et al. 2022)"""
     steps: int = 50
-    """DDIM steps S, 1 .. T; ignored by ddpm"""
+    """DDIM / DPM-Solver++ steps S (network calls), 1 .. T; ignored by ddpm"""
     eta: float = 0.0
-    """DDIM stochasticity: 0 deterministic, 1 ancestral-like"""
+    """DDIM stochasticity: 0 deterministic, 1 ancestral-like (dpm++ is deterministic: 0 only)"""
     spacing: Literal["uniform", "quadratic"] = "uniform"
-    """DDIM timesteps: uniform | quadratic (denser near t = 0)"""
+    """DDIM timesteps: uniform | quadratic (denser near t = 0); dpm++ always uses its logSNR-uniform grid"""
     gif_frames: int = 40
     """snapshots of the chain in reverse.gif (0: no GIF)"""
     use_ema: bool = True
@@ -43,11 +46,24 @@ class Config:
         R.file_exists(self.ckpt, "--ckpt")
         R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
         R.between(self, "num_samples", 1, 10_000)
-        R.positive(self, "steps")
-        R.one_of(self, "sampler", ("ddpm", "ddim"))  # Literal: tyro checks the CLI, this the Python callers
-        R.one_of(self, "spacing", ("uniform", "quadratic"))
-        R.between(self, "eta", 0, 1)
+        check_sampler(self)
         R.between(self, "gif_frames", 0, 1000)
+
+
+def check_sampler(cfg):
+    """The sampler flags sample.py and evaluate.py share (steps against T once the checkpoint is loaded)."""
+    R.positive(cfg, "steps")
+    R.one_of(cfg, "sampler", ("ddpm", "ddim", "dpm++"))  # Literal: tyro checks the CLI, this the Python callers
+    R.one_of(cfg, "spacing", ("uniform", "quadratic"))
+    R.between(cfg, "eta", 0, 1)
+    R.check(cfg.sampler != "dpm++" or cfg.eta == 0, f"--eta {cfg.eta}: dpm++ is a deterministic ODE solver (eta 0)")
+    R.check(cfg.sampler != "dpm++" or cfg.spacing == "uniform",
+            f"--spacing {cfg.spacing} is a DDIM grid; dpm++ uses its own logSNR-uniform time steps")
+
+
+def sampler_tag(sampler, steps):
+    """ddpm, ddim50, dpmpp20: in file names and eval keys."""
+    return sampler if sampler == "ddpm" else f"{'ddim' if sampler == 'ddim' else 'dpmpp'}{steps}"
 
 
 def load_diffusion(path, device, use_ema=True):
@@ -62,9 +78,9 @@ def load_diffusion(path, device, use_ema=True):
 
 
 def check_steps(steps, diffusion, sampler):
-    """DDIM steps are checked against the checkpoint's T, known once it is loaded."""
-    R.check(sampler != "ddim" or 1 <= steps <= diffusion.T,
-            f"--steps {steps}: a DDIM grid has 1 .. T = {diffusion.T} steps (the checkpoint's T)")
+    """DDIM and DPM-Solver++ steps are checked against the checkpoint's T, known once it is loaded."""
+    R.check(sampler == "ddpm" or 1 <= steps <= diffusion.T,
+            f"--steps {steps}: a {sampler} grid has 1 .. T = {diffusion.T} steps (the checkpoint's T)")
 
 
 def forward_process_figure(diffusion, x0, path):
@@ -93,7 +109,7 @@ def main(cfg: Config) -> dict:
                                progress=lambda it: R.progress(it, desc=f"{cfg.sampler} sampling", mininterval=1),
                                spacing=cfg.spacing)
     dt = time.perf_counter() - t0
-    tag = cfg.sampler if cfg.sampler == "ddpm" else f"ddim{n_steps}"
+    tag = sampler_tag(cfg.sampler, n_steps)
     nrow = int(cfg.num_samples ** 0.5)
     P.save_grid((x + 1) / 2, out / f"samples_{tag}.png", nrow=nrow)
     if every:
@@ -105,7 +121,8 @@ def main(cfg: Config) -> dict:
         forward_process_figure(diffusion, D.to_unit_range(x_real[:6].to(device)), out / "forward_process.png")
     except SystemExit:
         print("(no test images found: skipped forward_process.png)")
-    result = {"sampler": cfg.sampler, "steps": n_steps, "eta": cfg.eta, "spacing": cfg.spacing, "seed": cfg.seed,
+    result = {"sampler": cfg.sampler, "steps": n_steps, "parameterization": diffusion.parameterization, "eta": cfg.eta,
+              "spacing": cfg.spacing, "seed": cfg.seed,
               "num_samples": cfg.num_samples, "seconds": dt, "images_per_s": cfg.num_samples / dt}
     print(f"{cfg.num_samples} samples with {tag} in {dt:.1f} s ({result['images_per_s']:.2f} img/s) -> "
           f"{out / f'samples_{tag}.png'}" + (f", {out / f'reverse_{tag}.gif'}" if every else ""))

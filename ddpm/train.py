@@ -43,6 +43,14 @@ class Config(R.ImageRunConfig):
     """linear (the paper) | cosine (Nichol & Dhariwal)"""
     sigma: Literal["beta", "beta_tilde"] = "beta"
     """the reverse-process variance sigma_t^2"""
+    parameterization: Literal["eps", "v"] = "eps"
+    """what the network predicts: eps (the paper) | v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022); stored
+    in the checkpoint, so sample.py and evaluate.py read it from there"""
+    loss_weight: Literal["none", "min-snr"] = "none"
+    """per-timestep loss weight: none (the paper's Eq. 14) | min-snr (Hang et al. 2023: min(SNR_t, gamma) / SNR_t
+    for eps, min(SNR_t, gamma) / (SNR_t + 1) for v)"""
+    min_snr_gamma: float = 5.0
+    """gamma of --loss-weight min-snr (the paper's 5)"""
     steps: int = 4000
     """total training steps (a --resume may raise it)"""
     batch_size: int = 128
@@ -70,6 +78,9 @@ class Config(R.ImageRunConfig):
         R.one_of(self, "norm", ("group", "rms"))  # Literal: tyro checks the CLI, this the Python callers
         R.one_of(self, "schedule", ("linear", "cosine"))
         R.one_of(self, "sigma", ("beta", "beta_tilde"))
+        R.one_of(self, "parameterization", ("eps", "v"))
+        R.one_of(self, "loss_weight", ("none", "min-snr"))
+        R.positive(self, "min_snr_gamma")
         R.between(self, "grid_samples", 1, 256)
         R.nonnegative(self, "warmup", "sample_interval", "ckpt_interval")
         R.between(self, "T", 2, 10_000)
@@ -115,8 +126,11 @@ def unet_config(cfg, in_chans, num_res_blocks, dropout=0.0):
                              norm=cfg.norm, scale_shift=cfg.scale_shift, dropout=dropout))
 
 
-def build(model_config, T, schedule, sigma):
-    return Diffusion(UNet(UNetConfig(**model_config)), T=T, schedule=schedule, sigma=sigma)
+def build(model_config, T, schedule, sigma, parameterization="eps", **loss_options):
+    """The Diffusion of a checkpoint's `model_config` (the U-Net's) and `diffusion` dict (T, schedule, sigma and the
+    parameterization; older checkpoints lack it and predict eps)."""
+    return Diffusion(UNet(UNetConfig(**model_config)), T=T, schedule=schedule, sigma=sigma,
+                     parameterization=parameterization, **loss_options)
 
 
 def train_step(model, module, opt, ema, x0, lr, step, device, cpu_bf16, grad_clip):
@@ -158,7 +172,8 @@ def main(cfg: Config) -> dict:
         ckpt = R.load_checkpoint(out / "ckpt.pt", "ddpm", device, keys=("model", "ema", "optimizer", "step", "config"))
         R.check_resume(ckpt["config"], cfg, ignore=RESUME_MAY_CHANGE)
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
-    diffusion = build(mcfg, cfg.T, cfg.schedule, cfg.sigma).to(device)
+    diffusion = build(mcfg, cfg.T, cfg.schedule, cfg.sigma, cfg.parameterization, loss_weight=cfg.loss_weight,
+                      min_snr_gamma=cfg.min_snr_gamma).to(device)
     ema = EMA(diffusion, cfg.ema_decay)
     opt = torch.optim.Adam(diffusion.parameters(), lr=cfg.lr)
     step, losses, totals = 0, [], {"train_s": 0.0, "wall_s": 0.0, "seen": 0, "timed_steps": 0}
@@ -179,13 +194,15 @@ def main(cfg: Config) -> dict:
     per_epoch = len(D.shuffled_batches(len(xtr), cfg.batch_size, 0, cfg.seed, rank, world))
     epoch, skip = divmod(step, per_epoch)  # resume at the batch where the run stopped
     if master:
-        print(f"U-Net {n_params / 1e6:.2f}M params | T={cfg.T} {cfg.schedule} | {cfg.dataset} {len(xtr)} | "
+        print(f"U-Net {n_params / 1e6:.2f}M params | T={cfg.T} {cfg.schedule} | predicts {cfg.parameterization}, loss "
+              f"weight {cfg.loss_weight} | {cfg.dataset} {len(xtr)} | "
               f"world {world} | {device} | step {step} of {cfg.steps}")
 
     def checkpoint(rng=None):
         R.save_checkpoint({"kind": "ddpm", "model": diffusion.state_dict(), "ema": ema.model.state_dict(),
                            "model_config": mcfg, "config": asdict(cfg), "dataset": cfg.dataset,
-                           "diffusion": dict(T=cfg.T, schedule=cfg.schedule, sigma=cfg.sigma), "step": step,
+                           "diffusion": dict(T=cfg.T, schedule=cfg.schedule, sigma=cfg.sigma,
+                                             parameterization=cfg.parameterization), "step": step,
                            "optimizer": opt.state_dict(), "rng": rng or R.rng_state(), "recent_losses": losses[-100:],
                            "totals": totals}, out / "ckpt.pt")
 
