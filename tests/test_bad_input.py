@@ -56,7 +56,7 @@ TINY = {
     "gnns.sample": [*SYN, "--epochs", "1", "--train-limit", "64", "--hidden", "16", "--num-layers", "1",
                     "--layers", "conv"],
 }
-PARSE_ONLY = {"gpt.bench", "vit.bench", "ppo.bench", "ddpm.bench", "gnns.bench"}  # they time other libraries
+PARSE_ONLY = {"gpt.bench", "vit.bench", "ppo.bench", "ddpm.bench", "gnns.bench", "gpt.frontier"}  # they time things
 SKIP = {"out_dir", "wandb", "resume", "compile", "preset"}  # where the run writes; opt-in logging; tested apart
 PATHS = {"text", "ckpt", "data_dir", "images"}
 TIME_LIMIT = 120
