@@ -67,14 +67,8 @@ def sampler_tag(sampler, steps):
 
 
 def load_diffusion(path, device, use_ema=True):
-    keys = ("model", "ema", "model_config", "diffusion", "dataset", "step")
-    ckpt = R.load_checkpoint(path, "ddpm", device, keys=keys)
-    try:
-        diffusion = build(ckpt["model_config"], **ckpt["diffusion"]).to(device)
-    except (TypeError, AssertionError, ValueError) as e:
-        R.die(f"{path}: the checkpoint's model settings are unusable ({type(e).__name__}: {e})")
-    R.load_state(diffusion, ckpt["ema"] if use_ema else ckpt["model"], "EMA model" if use_ema else "model")
-    return diffusion.eval(), ckpt
+    return R.load_model(path, "ddpm", lambda c: build(c["model_config"], **c["diffusion"]), device,
+                        keys=("model", "diffusion", "dataset", "step"), weights="ema" if use_ema else "model")
 
 
 def check_steps(steps, diffusion, sampler):

@@ -56,13 +56,9 @@ class Config:
 
 
 def load_model(path, device):
-    ckpt = R.load_checkpoint(path, "gpt", device, keys=("model", "model_config", "vocab", "step"))
-    try:
-        model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
-    except (TypeError, AssertionError) as e:
-        R.die(f"{path}: the stored model_config does not describe a GPT ({e})")
-    R.load_state(model, ckpt["model"], "model")
-    return model.eval(), CharTokenizer(ckpt["vocab"]), ckpt
+    model, ckpt = R.load_model(path, "gpt", lambda c: GPT(GPTConfig(**c["model_config"])), device,
+                               keys=("vocab", "step"))
+    return model, CharTokenizer(ckpt["vocab"]), ckpt
 
 
 def main(cfg: Config) -> dict:

@@ -52,13 +52,8 @@ class Config:
 
 
 def load_model(path, device):
-    ckpt = R.load_checkpoint(path, "nf", device, keys=("model", "model_config", "dataset", "step"))
-    try:
-        model = RealNVP(FlowConfig(**ckpt["model_config"])).to(device)
-    except (TypeError, ValueError) as e:
-        R.die(f"{path} has a model_config this code cannot build ({e})")
-    R.load_state(model, ckpt["model"], "model")
-    return model.eval(), ckpt
+    return R.load_model(path, "nf", lambda c: RealNVP(FlowConfig(**c["model_config"])), device,
+                        keys=("dataset", "step"))
 
 
 def to_uint8(x01):

@@ -49,13 +49,7 @@ class Config:
 
 
 def load_agent(path):
-    ckpt = R.load_checkpoint(path, "ppo", keys=("model", "model_config", "env", "step"))
-    try:
-        agent = ActorCritic(**ckpt["model_config"])
-    except TypeError as e:
-        R.die(f"{path}: its model_config does not fit this code ({e})")
-    R.load_state(agent, ckpt["model"], "model")
-    return agent.eval(), ckpt
+    return R.load_model(path, "ppo", lambda c: ActorCritic(**c["model_config"]), keys=("env", "step"))
 
 
 def main(cfg: Config) -> dict:

@@ -19,7 +19,6 @@ import typing
 from pathlib import Path
 
 import pytest
-import torch
 
 from utils import run as R
 

@@ -245,6 +245,19 @@ def load_checkpoint(path, kind, map_location="cpu", keys=()):
     return ckpt
 
 
+def load_model(path, kind, build, device="cpu", keys=(), weights="model"):
+    """The model a checkpoint holds, in eval mode: `build(ckpt)` makes it from the stored settings, then the
+    `weights` state is loaded; settings this code cannot build or weights that do not fit exit with one line.
+    Returns (model, ckpt)."""
+    ckpt = load_checkpoint(path, kind, device, keys=("model_config", weights, *keys))
+    try:
+        model = build(ckpt).to(device)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        die(f"{path}: its model_config does not fit this code ({type(e).__name__}: {e})")
+    load_state(model, ckpt[weights], weights)
+    return model.eval(), ckpt
+
+
 def check_resume(saved, cfg, ignore=()):
     """--resume continues the run the checkpoint holds: every field of the stored config but the run's own
     (where and how to run, how long) must equal the requested one, or exit naming those that differ."""

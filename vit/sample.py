@@ -47,14 +47,8 @@ class Config:
 
 
 def load_model(path, device):
-    ckpt = R.load_checkpoint(path, "vit", device, keys=("model", "model_config", "config", "classes", "dataset",
-                                                         "epoch"))
-    try:
-        model = ViT(ViTConfig(**ckpt["model_config"])).to(device)
-    except (TypeError, AssertionError) as e:
-        R.die(f"{path} holds a model config this code cannot build ({e})")
-    R.load_state(model, ckpt["model"], "model")
-    return model.eval(), ckpt
+    return R.load_model(path, "vit", lambda c: ViT(ViTConfig(**c["model_config"])), device,
+                        keys=("config", "classes", "dataset", "epoch"))
 
 
 def read_image(path, cfg):
