@@ -244,20 +244,14 @@ def _final_state(out):
 
 
 @pytest.mark.parametrize("stop", ["interrupt", "crash"])
-def test_stopped_and_resumed_run_equals_uninterrupted(stop, tmp_path, text_file, monkeypatch):
+def test_stopped_and_resumed_run_equals_uninterrupted(stop, tmp_path, text_file, stop_at):
     """8 iterations straight == stopped at iteration 6 and resumed: Ctrl-C/SIGTERM saves ckpt.pt at 6; a crash
     leaves the ckpt.pt of the evaluation at 4. Dropout and grad accumulation on, so every RNG must be restored."""
     from utils import run as R
     kw = dict(TINY, text=str(text_file), device="cpu", max_iters=8, eval_interval=4, log_interval=1, dropout=0.1,
               grad_accum=2, warmup_iters=2)
     train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "full"), **kw))
-    lr_at = train.lr_at
-
-    def stopping(it, cfg):
-        if it == 6:
-            raise KeyboardInterrupt if stop == "interrupt" else RuntimeError("simulated crash")
-        return lr_at(it, cfg)
-    monkeypatch.setattr(train, "lr_at", stopping)
+    resume = stop_at(train, 6, KeyboardInterrupt if stop == "interrupt" else RuntimeError("simulated crash"))
     part = R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), **kw)
     if stop == "interrupt":
         assert train.main(part)["iters"] == 6
@@ -265,7 +259,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(stop, tmp_path, text_file,
         with pytest.raises(RuntimeError):
             train.main(part)
     assert _final_state(tmp_path / "part")[0] == (6 if stop == "interrupt" else 4)
-    monkeypatch.setattr(train, "lr_at", lr_at)
+    resume()
     train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), resume=True, **kw))
     (s1, m1, o1), (s2, m2, o2) = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
     assert s1 == s2 == 8
@@ -421,7 +415,7 @@ OPTIONS = {"rope": dict(pos_emb="rope"), "rmsnorm": dict(norm="rmsnorm"), "qk_no
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_option_trains_resumes_bitwise_and_samples(option, tmp_path, text_file, monkeypatch):
+def test_option_trains_resumes_bitwise_and_samples(option, tmp_path, text_file, stop_at):
     """Each option: the loss falls over 30 steps; stopped at 12 and resumed equals the straight run (model and
     optimizer state, Muon's momentum included); sampling past the block size works, cached and uncached."""
     from utils import run as R
@@ -430,15 +424,9 @@ def test_option_trains_resumes_bitwise_and_samples(option, tmp_path, text_file, 
     train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "full"), **kw))
     losses = [r["loss"] for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl")) if "loss" in r]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
-    lr_at = train.lr_at
-
-    def stopping(it, cfg):
-        if it == 12:
-            raise KeyboardInterrupt
-        return lr_at(it, cfg)
-    monkeypatch.setattr(train, "lr_at", stopping)
+    resume = stop_at(train, 12)
     assert train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), **kw))["iters"] == 12
-    monkeypatch.setattr(train, "lr_at", lr_at)
+    resume()
     train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), resume=True, **kw))
     c1, c2 = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "full", tmp_path / "part"))
     (m1, o1), (m2, o2) = (c1["model"], c1["optimizer"]), (c2["model"], c2["optimizer"])

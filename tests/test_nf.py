@@ -226,21 +226,15 @@ def test_resume_with_other_architecture_names_the_field(finished, capsys):
     assert e.value.code == 2 and err.startswith("error:") and "--hidden" in err and len(err.splitlines()) == 1
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, stop_at):
     """Ctrl-C at step 6 (inside the second epoch of 4 batches), then --resume to step 10: the same weights and
     optimizer state as 10 steps in one go (same batches, same dequantization noise, same schedule)."""
     kw = dict(steps=10, eval_interval=10, val_size=960, batch_size=16)  # 64 training images: 4 batches an epoch
     train.main(tiny(tmp_path / "a", **kw))
-    real = train.lr_at
-
-    def interrupt(step, cfg):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, cfg)
-    monkeypatch.setattr(train, "lr_at", interrupt)
+    resume = stop_at(train, 6)
     train.main(tiny(tmp_path / "b", **kw))
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
-    monkeypatch.setattr(train, "lr_at", real)
+    resume()
     train.main(tiny(tmp_path / "b", resume=True, **kw))
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
     for k, v in a["model"].items():
