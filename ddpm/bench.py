@@ -68,8 +68,8 @@ class Config:
         R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
         D.base_name(self.dataset)
         R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
-        R.check(self.fid_cache_dir is None or not Path(self.fid_cache_dir).is_file(),
-                f"--fid-cache-dir {self.fid_cache_dir} is a file, not a folder")
+        if self.fid_cache_dir is not None:
+            R.folder(self.fid_cache_dir, "--fid-cache-dir")
         names = self.models.split(",")
         R.check(names and set(names) <= {"ours", "theirs"} and len(set(names)) == len(names),
                 f"--models: ours, theirs or ours,theirs, not {self.models!r}")

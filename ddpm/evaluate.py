@@ -136,8 +136,8 @@ class Config:
         R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
         R.file_exists(self.ckpt, "--ckpt")
         R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
-        R.check(self.fid_cache_dir is None or not Path(self.fid_cache_dir).is_file(),
-                f"--fid-cache-dir {self.fid_cache_dir} is a file, not a folder")
+        if self.fid_cache_dir is not None:
+            R.folder(self.fid_cache_dir, "--fid-cache-dir")
         R.between(self, "num_samples", 0, 100_000)
         R.between(self, "nll_images", 0, 100_000)
         R.check(self.num_samples > 0 or self.nll_images > 0, "nothing to do: --num-samples and --nll-images are 0")

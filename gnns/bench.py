@@ -40,7 +40,7 @@ class Config:
 
     def check(self):
         R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
-        R.check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        R.folder(self.out_dir, "--out-dir")
         R.check(len(self.layers) > 0, "--layers needs at least one of conv, attn, mpnn")
         R.positive(self, "batch_size", "batches", "rounds")
         R.check(self.batch_size * self.batches <= 100_000 and self.rounds <= 1000,

@@ -5,7 +5,6 @@
 """
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -27,8 +26,7 @@ class Config:
     seed: int = 0
 
     def check(self):
-        R.check(bool(self.out_dir.strip()) and not Path(self.out_dir).is_file(),
-                f"--out-dir {self.out_dir!r} must name a folder")
+        R.folder(self.out_dir, "--out-dir")
         R.positive(self, "new_tokens", "block_size", "n_layer", "n_head", "n_embd")
         R.nonnegative(self, "seed")
         R.check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")

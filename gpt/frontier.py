@@ -46,8 +46,7 @@ class Config:
     seed: int = 1337
 
     def check(self):
-        R.check(bool(str(self.out_dir).strip()) and not Path(self.out_dir).is_file(),
-                f"--out-dir {self.out_dir!r} must name a folder")
+        R.folder(self.out_dir, "--out-dir")
         R.check(len(self.budgets) > 0 and all(0 < b <= 86400 for b in self.budgets),
                 f"--budgets must be seconds in (0, 86400], got {self.budgets}")
         R.between(self, "ablation_budget", 0, 86400)

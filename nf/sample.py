@@ -38,7 +38,7 @@ class Config:
     device: str = "auto"
 
     def check(self):
-        R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
+        R.folder(self.out_dir, "--out-dir")
         R.file_exists(self.ckpt, "--ckpt")
         R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
         R.nonnegative(self, "seed")

@@ -28,7 +28,7 @@ class Config:
 
     def check(self):
         R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
-        R.check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        R.folder(self.out_dir, "--out-dir")
         R.check(0 < len(self.seeds) <= 100, "--seeds needs 1 to 100 seeds")
         R.check(all(s >= 0 for s in self.seeds), f"--seeds must be >= 0, got {self.seeds}")
         R.check(len(set(self.seeds)) == len(self.seeds), f"--seeds has a repeated seed: {self.seeds}")

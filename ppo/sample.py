@@ -37,7 +37,7 @@ class Config:
 
     def check(self):
         R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
-        R.check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        R.folder(self.out_dir, "--out-dir")
         R.file_exists(self.ckpt or Path(self.out_dir) / "ckpt.pt", "checkpoint (train first, or pass --ckpt)")
         if self.env is not None:
             check_env(self.env)

@@ -56,8 +56,45 @@ TINY = {
                     "--layers", "conv"],
 }
 PARSE_ONLY = {"gpt.bench", "vit.bench", "ppo.bench", "ddpm.bench", "gnns.bench", "gpt.frontier"}  # they time things
-SKIP = {"out_dir", "wandb", "resume", "compile", "preset"}  # where the run writes; opt-in logging; tested apart
+SKIP = {"wandb", "resume", "compile", "preset"}  # opt-in logging and compilation; tested apart
 PATHS = {"text", "ckpt", "data_dir", "images"}
+# What each script accepts of the values above: a value the script must refuse that appears here, or one that
+# disappears, fails the test, so removing a check is caught even where the value would run. A new field adds its
+# line here, decided on purpose.
+ACCEPTED = {
+    "ddpm.bench": ["--warmup 0", "--ema-decay 0", "--eta 0", "--seed 0"],
+    "ddpm.evaluate": ["--ckpt <empty file>", "--num-samples 0", "--eta 0", "--seed 0"],
+    "ddpm.sample": ["--ckpt <empty file>", "--eta 0", "--gif-frames 0", "--seed 0"],
+    "ddpm.train": [
+        "--seed 0", "--dropout 0", "--warmup 0", "--ema-decay 0", "--sample-interval 0", "--ckpt-interval 0"
+    ],
+    "gnns.bench": ["--seed 0"],
+    "gnns.sample": [
+        "--seed 0", "--weight-decay 0", "--patience 0", "--min-lr 0", "--val-size 0", "--bn-stats-graphs 0"
+    ],
+    "gnns.train": ["--seed 0", "--weight-decay 0", "--patience 0", "--min-lr 0", "--val-size 0", "--bn-stats-graphs 0"],
+    "gpt.bench": ["--seed 0"],
+    "gpt.frontier": ["--ablation-budget 0", "--text <empty file>", "--seed 0"],
+    "gpt.sample": ["--ckpt <empty file>", "--prompt /dev/null/missing.file", "--temperature 0", "--seed 0"],
+    "gpt.train": [
+        "--seed 0", "--text <empty file>", "--dropout 0", "--min-lr 0", "--warmup-iters 0", "--weight-decay 0",
+        "--beta1 0", "--beta2 0", "--grad-clip 0"
+    ],
+    "nf.sample": ["--ckpt <empty file>", "--u-draws 0", "--seed 0"],
+    "nf.train": [
+        "--seed 0", "--num-scales 0", "--final-couplings 0", "--num-blocks 0", "--single-scale 0", "--warmup 0",
+        "--weight-decay 0", "--val-size 0"
+    ],
+    "ppo.bench": [],
+    "ppo.sample": ["--ckpt <empty file>", "--seed 0"],
+    "ppo.train": ["--seed 0", "--gae-lambda 0", "--clip-coef 0", "--vf-coef 0", "--ent-coef 0"],
+    "vit.bench": [],
+    "vit.sample": ["--ckpt <empty file>"],
+    "vit.train": [
+        "--seed 0", "--dropout 0", "--drop-path 0", "--stem 0", "--weight-decay 0", "--warmup-epochs 0",
+        "--label-smoothing 0", "--crop-pad 0", "--erase-p 0", "--val-size 0"
+    ],
+}
 TIME_LIMIT = 120
 MISSING = "/dev/null/missing.file"  # not even root can create it
 
@@ -151,15 +188,14 @@ def test_every_field_refuses_bad_values_with_one_line(script, trained, tmp_path,
     empty.write_text("")
     base = fill(TINY.get(script, []), trained)
     capsys.readouterr()  # the tiny training's own output
-    problems, n = [], 0
+    problems, n, accepted = [], 0, []
     writes_out = "out_dir" in {f.name for f in dataclasses.fields(mod.Config)} and "--out-dir" not in base
     for name, tp in fuzz_cases(mod):
         flag = "--" + name.replace("_", "-")
         for value in bad_values(tp, name, empty):
             n += 1
-            args = base + [flag, *(value if isinstance(value, list) else [value])]
-            if writes_out:
-                args += ["--out-dir", str(tmp_path / f"run{n}")]
+            args = base + (["--out-dir", str(tmp_path / f"run{n}")] if writes_out else []) + \
+                [flag, *(value if isinstance(value, list) else [value])]
             try:
                 cfg = R.parse(mod.Config, presets, args=args)
             except SystemExit as e:
@@ -171,6 +207,8 @@ def test_every_field_refuses_bad_values_with_one_line(script, trained, tmp_path,
                     problems.append(f"{flag} {value!r}: not one error line: {err[:300]!r}")
                 continue
             capsys.readouterr()
+            shown = " ".join(value) if isinstance(value, list) else value
+            accepted.append(f"{flag} {'<empty file>' if shown == str(empty) else shown}")
             if script in PARSE_ONLY:
                 continue
             wrong = run_main(mod, cfg)  # accepted: it must run
@@ -178,6 +216,7 @@ def test_every_field_refuses_bad_values_with_one_line(script, trained, tmp_path,
             if wrong:
                 problems.append(f"{flag} {value!r} accepted, then {wrong}")
     assert n > 0 and not problems, f"{script}: " + "\n".join(problems)
+    assert accepted == ACCEPTED[script], f"{script} accepts {accepted}, expected {ACCEPTED[script]}"
 
 
 @pytest.mark.parametrize("pkg", ["gpt", "vit", "ppo", "ddpm", "nf", "gnns"])

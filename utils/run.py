@@ -32,8 +32,7 @@ class RunConfig:
     """also log to Weights & Biases (imported lazily; WANDB_MODE=offline works)"""
 
     def check(self):
-        check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
-        check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        folder(self.out_dir, "--out-dir")
         nonnegative(self, "seed")
         check_device(self.device)
 
@@ -139,6 +138,15 @@ def one_of(cfg, name, choices):
 def file_exists(path, what):
     """A file the run must read; None means "not given" and passes."""
     check(path is None or Path(path).is_file(), f"{what} not found: {path}")
+
+
+def folder(path, flag):
+    """A folder the run writes into: named, not a file, and creatable (its nearest existing parent is a folder)."""
+    check(path is not None and bool(str(path).strip()), f"{flag} must not be empty")
+    p = Path(path).absolute()
+    check(not p.is_file(), f"{flag} {path} is a file, not a folder")
+    parent = next(q for q in [p, *p.parents] if q.exists())
+    check(parent.is_dir(), f"{flag} {path} cannot be created: {parent} is not a folder")
 
 
 def check_device(name):

@@ -5,7 +5,6 @@
 """
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ class Config:
 
     def check(self):
         R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
-        R.check(not Path(self.out_dir).is_file(), f"--out-dir {self.out_dir} is a file, not a folder")
+        R.folder(self.out_dir, "--out-dir")
         R.check_device(self.device)
         R.positive(self, "steps", "batch_size", "image_size", "in_chans", "patch_size", "dim", "depth", "heads",
                    "mlp_dim")
