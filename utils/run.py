@@ -96,7 +96,7 @@ def validate(cfg):
     """Every field of a config, before any data loads: floats finite, ints of sane size, then the config's own
     `check()` (ranges, choices, divisibility, files; see RunConfig.check). Returns cfg, or exits with one line."""
     for f in dataclasses.fields(cfg):
-        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        v, flag = getattr(cfg, f.name), _flag(f.name)
         for x in (v if isinstance(v, (list, tuple)) else [v]):
             if isinstance(x, float):
                 check(math.isfinite(x), f"{flag} must be a finite number, got {x}")
