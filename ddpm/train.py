@@ -116,7 +116,7 @@ PRESETS = {
                      dropout=0.1, steps=800_000, batch_size=128, warmup=5000, ema_decay=0.9999,
                      sample_interval=10_000, ckpt_interval=5000, log_interval=500),
 }
-RESUME_MAY_CHANGE = ("steps", "sample_interval", "ckpt_interval", "log_interval")
+RESUME_MAY_CHANGE = ("steps", "sample_interval", "ckpt_interval", "log_interval", "grid_samples")
 
 
 def unet_config(cfg, in_chans, num_res_blocks, dropout=0.0):
@@ -171,6 +171,8 @@ def main(cfg: Config) -> dict:
     if cfg.resume:  # checked before the data loads
         ckpt = R.load_checkpoint(out / "ckpt.pt", "ddpm", device, keys=("model", "ema", "optimizer", "step", "config"))
         R.check_resume(ckpt["config"], cfg, ignore=RESUME_MAY_CHANGE)
+        R.check(ckpt.get("world", 1) == world, f"--resume with {world} process(es): the checkpoint was written by "
+                f"{ckpt.get('world', 1)} (the batch position depends on it)")
     xtr, _ = D.load_images(cfg.dataset, "train", cfg.data_dir)
     diffusion = build(mcfg, cfg.T, cfg.schedule, cfg.sigma, cfg.parameterization, loss_weight=cfg.loss_weight,
                       min_snr_gamma=cfg.min_snr_gamma).to(device)
@@ -204,7 +206,7 @@ def main(cfg: Config) -> dict:
                            "diffusion": dict(T=cfg.T, schedule=cfg.schedule, sigma=cfg.sigma,
                                              parameterization=cfg.parameterization), "step": step,
                            "optimizer": opt.state_dict(), "rng": rng or R.rng_state(), "recent_losses": losses[-100:],
-                           "totals": totals}, out / "ckpt.pt")
+                           "totals": totals, "world": world}, out / "ckpt.pt")
 
     t_start, rng_at_step = time.time(), None
     batches = iter(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed, rank, world)[skip:])
@@ -266,7 +268,7 @@ def main(cfg: Config) -> dict:
             prev = json.loads(old.read_text()) if old.exists() else {}
         except (OSError, ValueError):
             prev = {}
-        if isinstance(prev, dict) and "eval" in prev:
+        if cfg.resume and isinstance(prev, dict) and "eval" in prev:
             summary["eval"] = prev["eval"]
         R.write_json(old, summary)
         print(f"done: loss {summary['final_loss'] or float('nan'):.4f} after {step} steps, {summary['wall_s']} s of wall time "

@@ -34,9 +34,11 @@ PRESETS = {name: Config(**asdict(p)) for name, p in train.PRESETS.items()}  # tr
 
 
 def train_config(cfg: Config, layer: str) -> train.Config:
-    """The train.Config of one flavour's run: every train field of `cfg` unchanged but the layer and the folder."""
+    """The train.Config of one flavour's run: every train field of `cfg` unchanged but the layer, the folder, and
+    --resume, which continues the flavours that have a checkpoint and starts the ones an interrupt never reached."""
     tcfg = train.Config(**{f.name: getattr(cfg, f.name) for f in fields(train.Config)})
-    return replace(tcfg, layer=layer, out_dir=str(Path(cfg.out_dir) / layer))
+    folder = Path(cfg.out_dir) / layer
+    return replace(tcfg, layer=layer, out_dir=str(folder), resume=cfg.resume and (folder / "ckpt.pt").is_file())
 
 
 def main(cfg: Config) -> dict:

@@ -5,7 +5,7 @@ the training graphs; the test set is evaluated once, at the end, on the selected
     python gnns/train.py --layer mpnn                       # Fashion-MNIST superpixels
     python gnns/train.py --layer attn --dataset cifar10
     python gnns/train.py --layer conv --graph grid          # the seed's pixel-grid graphs
-    python gnns/train.py --preset quick                     # 3,000 graphs, 2 epochs: a look at the pipeline
+    python gnns/train.py --preset quick                     # 5,000 graphs, 4 epochs: a short run; the pipeline
 """
 import time
 from dataclasses import asdict, dataclass, replace

@@ -141,14 +141,14 @@ def main(cfg: Config) -> dict:
     print(f"Real NVP {num_params(model) / 1e6:.2f}M params | {cfg.dataset} {len(xtr)} train / {len(xval)} val / "
           f"{len(xte)} test | {device}{' bf16' if device.type == 'cuda' or cfg.cpu_bf16 else ''}")
 
-    def checkpoint(summary=None):
+    def checkpoint(summary=None, rng=None):
         R.save_checkpoint({"kind": "nf", "model": model.state_dict(), "model_config": asdict(mcfg),
                            "config": asdict(cfg), "dataset": cfg.dataset, "step": step, "optimizer": opt.state_dict(),
-                           "rng": R.rng_state(), "train_s": t_train, "images": seen, "val_bpd": val,
+                           "rng": rng or R.rng_state(), "train_s": t_train, "images": seen, "val_bpd": val,
                            **({"summary": summary} if summary else {})}, out / "ckpt.pt")
 
     R.sigterm_as_interrupt()
-    t_start = time.time()
+    t_start, rng_at_step = time.time(), None
     epoch, done = divmod(step, batches_per_epoch)  # continue inside the epoch where the run stopped
     batches = iter(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed)[done:])
     bar = R.progress(None, total=cfg.steps, initial=step, desc="train", mininterval=2)
@@ -159,7 +159,9 @@ def main(cfg: Config) -> dict:
                 epoch += 1
                 batches = iter(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed))
                 continue
-            t0 = time.perf_counter()
+            # a stop inside the step redoes it: with these draws, from these BatchNorm statistics
+            t0, rng_at_step = time.perf_counter(), R.rng_state()
+            buffers_at_step = {k: b.clone() for k, b in model.named_buffers()}
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -169,7 +171,7 @@ def main(cfg: Config) -> dict:
             bpd.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            step += 1
+            step, rng_at_step = step + 1, None
             t_train += time.perf_counter() - t0
             seen += len(idx)
             bar.update()
@@ -190,7 +192,10 @@ def main(cfg: Config) -> dict:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
-        checkpoint()
+        if rng_at_step is not None:  # stopped inside a step: save the state it started from
+            for k, b in model.named_buffers():
+                b.copy_(buffers_at_step[k])
+        checkpoint(rng=rng_at_step)
         log.close()
         print(f"interrupted at step {step}: saved {out / 'ckpt.pt'} (continue with --resume)")
         return {"steps": step, "interrupted": True}

@@ -833,3 +833,24 @@ def test_dpm_steps_beyond_the_checkpoints_T_is_one_line(tiny_run, mod, capsys):
         mod.main(R.parse(mod.Config, None, args=["--out-dir", str(tiny_run), "--device", "cpu", "--num-samples", "2",
                                                  "--sampler", "dpm++", "--steps", "51"]))
     assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_a_fresh_run_does_not_inherit_an_old_runs_eval_results(tmp_path):
+    """summary.json's `eval` section is kept on --resume (evaluate.py wrote it for this run), but a new run into the
+    same folder must not carry the old model's FIDs under keys that look current."""
+    out = tmp_path / "run"
+    out.mkdir()
+    R.write_json(out / "summary.json", {"eval": {"fid_ddim50_uniform_eta0_seed0_n10_step2": 1.0}})
+    train.main(train.Config(out_dir=str(out), steps=2, **TINY))
+    assert "eval" not in R.read_json(out / "summary.json")
+
+
+def test_resume_with_another_number_of_processes_is_one_line(tiny_run, tmp_path, capsys):
+    """The batch position a resume continues from depends on the world size: another one is refused."""
+    run = _copy_run(tiny_run, tmp_path / "run")
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    R.save_checkpoint({**ckpt, "world": 2}, run / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(train.Config(out_dir=str(run), steps=30, resume=True, **TINY))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "process" in err and len(err.splitlines()) == 1, err

@@ -344,3 +344,14 @@ def test_bad_input_exits_2(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     with pytest.raises(SystemExit):
         train.main(tiny(tmp_path, resume=True))
+
+
+def test_comparison_resume_continues_the_flavours_with_a_checkpoint_and_starts_the_rest(tmp_path):
+    """After an interrupt in the second flavour, `sample.py --resume` must resume conv and attn and start mpnn (it
+    passed --resume to all three, and mpnn, never started, had no checkpoint to resume)."""
+    for layer in ("conv", "attn"):
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "ckpt.pt").write_bytes(b"")
+    cfg = R.parse(sample.Config, sample.PRESETS, args=["--out-dir", str(tmp_path), "--resume", "--dataset",
+                                                        "synthetic"])
+    assert [sample.train_config(cfg, layer).resume for layer in cfg.layers] == [True, True, False]

@@ -146,7 +146,8 @@ def folder(path, flag):
     p = Path(path).absolute()
     check(not p.is_file(), f"{flag} {path} is a file, not a folder")
     parent = next(q for q in [p, *p.parents] if q.exists())
-    check(parent.is_dir(), f"{flag} {path} cannot be created: {parent} is not a folder")
+    check(parent.is_dir() and os.access(parent, os.W_OK), f"{flag} {path} cannot be created: {parent} is not a "
+          "writable folder")
 
 
 def check_device(name):
