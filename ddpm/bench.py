@@ -67,7 +67,7 @@ class Config:
     def check(self):
         R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
         D.base_name(self.dataset)
-        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.existing_folder(self.data_dir, "--data-dir")
         if self.fid_cache_dir is not None:
             R.folder(self.fid_cache_dir, "--fid-cache-dir")
         names = self.models.split(",")

@@ -135,7 +135,7 @@ class Config:
     def check(self):
         R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
         R.file_exists(self.ckpt, "--ckpt")
-        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.existing_folder(self.data_dir, "--data-dir")
         if self.fid_cache_dir is not None:
             R.folder(self.fid_cache_dir, "--fid-cache-dir")
         R.between(self, "num_samples", 0, 100_000)

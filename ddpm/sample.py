@@ -44,7 +44,7 @@ class Config:
     def check(self):
         R.RunConfig.check(self)  # the shared checks of out_dir, seed and device (this is no training run)
         R.file_exists(self.ckpt, "--ckpt")
-        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.existing_folder(self.data_dir, "--data-dir")
         R.between(self, "num_samples", 1, 10_000)
         check_sampler(self)
         R.between(self, "gif_frames", 0, 1000)

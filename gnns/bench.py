@@ -49,7 +49,7 @@ class Config:
         R.check_device(self.device)
         from utils.data import base_name
         base_name(self.dataset)
-        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.existing_folder(self.data_dir, "--data-dir")
 
 
 def pyg_layer(cfg: GNNConfig):

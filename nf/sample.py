@@ -40,7 +40,7 @@ class Config:
     def check(self):
         R.folder(self.out_dir, "--out-dir")
         R.file_exists(self.ckpt, "--ckpt")
-        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.existing_folder(self.data_dir, "--data-dir")
         R.nonnegative(self, "seed")
         R.check_device(self.device)
         R.between(self, "num_samples", 1, 4096)

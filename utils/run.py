@@ -48,7 +48,7 @@ class ImageRunConfig(RunConfig):
         super().check()
         from utils.data import base_name  # exits with the list of names on an unknown one
         base_name(self.dataset)
-        check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        existing_folder(self.data_dir, "--data-dir")
 
 
 def die(msg, code=2):
@@ -138,6 +138,11 @@ def one_of(cfg, name, choices):
 def file_exists(path, what):
     """A file the run must read; None means "not given" and passes."""
     check(path is None or Path(path).is_file(), f"{what} not found: {path}")
+
+
+def existing_folder(path, flag):
+    """A folder the run reads from; None means "not given" and passes."""
+    check(path is None or Path(path).is_dir(), f"{flag} {path} is not a folder")
 
 
 def folder(path, flag):

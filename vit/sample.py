@@ -43,7 +43,7 @@ class Config:
                     f"no checkpoint in {self.out_dir} (train first, or pass the right --out-dir / --ckpt)")
         for path in self.images:
             R.file_exists(path, "image")
-        R.check(self.data_dir is None or Path(self.data_dir).is_dir(), f"--data-dir {self.data_dir} is not a folder")
+        R.existing_folder(self.data_dir, "--data-dir")
 
 
 def load_model(path, device):
