@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ddpm.sample import check_sampler, check_steps, load_diffusion, sampler_tag
 from utils import data as D
 from utils import run as R
+from utils import weights as W
 
 
 class FeatureNet(nn.Module):
@@ -165,7 +166,7 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    diffusion, ckpt = load_diffusion(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device)
+    diffusion, ckpt = load_diffusion(W.pick(cfg.ckpt, [out / "ckpt.pt"], "ddpm"), device)
     check_steps(cfg.steps, diffusion, cfg.sampler)
     diffusion.sigma = cfg.sigma or diffusion.sigma
     c, size, _ = D.dataset_info(ckpt["dataset"])

@@ -4,7 +4,8 @@
     python ddpm/sample.py --out-dir out/ddpm --sampler ddim --steps 50
     python ddpm/sample.py --out-dir out/ddpm --sampler dpm++ --steps 20   # DPM-Solver++(2M), logSNR time steps
 
-The network's parameterization (eps or v) is read from the checkpoint.
+The network's parameterization (eps or v) is read from the checkpoint. Without a training run in --out-dir the
+shipped model is sampled (ddpm/pretrained/default.safetensors: the EMA weights).
 """
 import time
 from dataclasses import dataclass
@@ -13,18 +14,23 @@ from typing import Literal
 
 import torch
 
-from ddpm.train import build
+from ddpm import train
 from utils import data as D
 from utils import plot as P
 from utils import run as R
+from utils import weights as W
+
+# utils/weights.py: what a shipped file holds (the run's EMA weights, which the samples use) and how it is scored
+EXPORT = {"files": {"default": ("ckpt.pt",)}, "weights": "ema", "keys": ("diffusion", "dataset", "step", "config")}
+SCORE_SUBSET = "L_simple (Eq. 14) of the first 128 test images, t and eps from torch.Generator seed 0"
 
 
 @dataclass
 class Config:
     out_dir: str = "out/ddpm"
-    """training output folder: ckpt.pt is read from it, the PNG and GIF written to it"""
+    """training output folder: ckpt.pt (else the shipped model) is read from it, the PNG and GIF written to it"""
     ckpt: str | None = None
-    """another checkpoint than out_dir/ckpt.pt"""
+    """another checkpoint (or shipped .safetensors) than out_dir/ckpt.pt"""
     num_samples: int = 64
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
     """ddpm (ancestral, T steps) | ddim | dpm++ (DPM-Solver++(2M), Lu et al. 2022)"""
@@ -66,9 +72,25 @@ def sampler_tag(sampler, steps):
     return sampler if sampler == "ddpm" else f"{'ddim' if sampler == 'ddim' else 'dpmpp'}{steps}"
 
 
+def build(ckpt):
+    return train.build(ckpt["model_config"], **ckpt["diffusion"])
+
+
 def load_diffusion(path, device, use_ema=True):
-    return R.load_model(path, "ddpm", lambda c: build(c["model_config"], **c["diffusion"]), device,
-                        keys=("model", "diffusion", "dataset", "step"), weights="ema" if use_ema else "model")
+    return R.load_model(path, "ddpm", build, device, keys=("diffusion", "dataset", "step"),
+                        weights="ema" if use_ema else "model")
+
+
+@torch.no_grad()
+def score(diffusion, ckpt):
+    """The card's metric (utils/weights.py): L_simple of 128 test images at seeded t and eps."""
+    x, _ = D.load_images(ckpt["dataset"], "test")
+    device = next(diffusion.parameters()).device
+    x0 = D.to_unit_range(x[:128]).to(device)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, diffusion.T, (len(x0),), generator=g).to(device)
+    eps = torch.randn(x0.shape, generator=g).to(device)
+    return {"loss_128": diffusion.loss(x0, t, eps).item()}
 
 
 def check_steps(steps, diffusion, sampler):
@@ -92,7 +114,7 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    diffusion, ckpt = load_diffusion(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device, cfg.use_ema)
+    diffusion, ckpt = load_diffusion(W.pick(cfg.ckpt, [out / "ckpt.pt"], "ddpm"), device, cfg.use_ema)
     check_steps(cfg.steps, diffusion, cfg.sampler)
     c, size, _ = D.dataset_info(ckpt["dataset"])
     torch.manual_seed(cfg.seed)

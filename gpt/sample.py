@@ -1,6 +1,8 @@
 """Sample from a trained GPT into generated.txt.
 
     python gpt/sample.py --out-dir out/gpt --num-samples 20 --prompt "ROMEO:" --temperature 0.8 --top-k 40
+
+Without a training run in --out-dir it samples the shipped model (gpt/pretrained/default.safetensors).
 """
 import time
 from dataclasses import dataclass
@@ -9,15 +11,23 @@ from pathlib import Path
 import torch
 
 from gpt.model import GPT, CharTokenizer, GPTConfig
+from gpt.train import windows
+from utils import data as D
 from utils import run as R
+from utils import weights as W
+
+# utils/weights.py: what a shipped file holds (the run's best.pt: lowest validation loss) and how it is scored
+EXPORT = {"files": {"default": ("best.pt", "ckpt.pt")}, "weights": "model", "keys": ("vocab", "step", "config")}
+SCORE_SUBSET = "16 windows of block_size characters evenly spaced over the validation text (its last 10%)"
 
 
 @dataclass
 class Config:
     out_dir: str = "out/gpt"
-    """training output folder: best.pt (lowest val loss), else ckpt.pt, is loaded from it"""
+    """training output folder: best.pt (lowest val loss), else ckpt.pt, else the shipped model is loaded; the
+    samples go to it"""
     ckpt: str | None = None
-    """an explicit checkpoint path instead"""
+    """an explicit checkpoint path (or shipped .safetensors) instead"""
     output: str | None = None
     """where the samples go, in an existing folder (default: <out_dir>/generated.txt)"""
     num_samples: int = 20
@@ -34,10 +44,6 @@ class Config:
     seed: int = 1337
     device: str = "auto"
 
-    def checkpoint_path(self):
-        out = Path(self.out_dir)
-        return Path(self.ckpt) if self.ckpt else (out / "best.pt" if (out / "best.pt").exists() else out / "ckpt.pt")
-
     def check(self):
         R.positive(self, "num_samples", "max_new_tokens")
         R.check(self.num_samples <= 100_000 and self.max_new_tokens <= 1_000_000,
@@ -51,21 +57,35 @@ class Config:
         R.check(self.output is None or Path(self.output).parent.is_dir(),
                 f"--output {self.output}: the folder {Path(self.output or '.').parent} does not exist")
         R.check_device(self.device)
-        path = self.checkpoint_path()
-        R.check(path.is_file(), f"no checkpoint at {path} (train first, or pass the right --out-dir / --ckpt)")
+        R.file_exists(self.ckpt, "--ckpt")
+        R.folder(self.out_dir, "--out-dir")
+
+
+def build(ckpt):
+    return GPT(GPTConfig(**ckpt["model_config"]))
 
 
 def load_model(path, device):
-    model, ckpt = R.load_model(path, "gpt", lambda c: GPT(GPTConfig(**c["model_config"])), device,
-                               keys=("vocab", "step"))
+    model, ckpt = R.load_model(path, "gpt", build, device, keys=("vocab", "step"))
     return model, CharTokenizer(ckpt["vocab"]), ckpt
+
+
+@torch.no_grad()
+def score(model, ckpt):
+    """The card's metric (utils/weights.py): mean cross-entropy of 16 fixed validation windows."""
+    tok, T = CharTokenizer(ckpt["vocab"]), ckpt["model_config"]["block_size"]
+    ids = torch.tensor(tok.encode(D.load_text(ckpt["config"]["text"])), dtype=torch.long)
+    val = ids[int(0.9 * len(ids)):]  # train.py's split
+    x, y = windows(val, torch.linspace(0, len(val) - T - 2, 16).long(), T)
+    device = next(model.parameters()).device
+    return {"val_loss_16": model(x.to(device), y.to(device))[1].item()}
 
 
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    model, tok, ckpt = load_model(cfg.checkpoint_path(), device)
+    model, tok, ckpt = load_model(W.pick(cfg.ckpt, [out / "best.pt", out / "ckpt.pt"], "gpt"), device)
     bad = tok.unknown(cfg.prompt)
     R.check(not bad, f"--prompt has characters outside the model's vocabulary: {''.join(bad)!r}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -78,6 +98,7 @@ def main(cfg: Config) -> dict:
     tps = cfg.num_samples * cfg.max_new_tokens / dt
     dest = Path(cfg.output) if cfg.output else out / "generated.txt"
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text("".join(f"################ SAMPLE {i} ################\n{s}\n" for i, s in enumerate(samples)))
     except OSError as e:
         R.die(f"cannot write {dest}: {e.strerror}")

@@ -2,6 +2,8 @@
 interpolation between two test images.
 
     python nf/sample.py --out-dir out/nf --temperature 0.7
+
+Without a training run in --out-dir it uses the shipped model (nf/pretrained/default.safetensors).
 """
 import math
 from dataclasses import dataclass
@@ -14,14 +16,20 @@ from nf.train import eval_bpd
 from utils import data as D
 from utils import plot as P
 from utils import run as R
+from utils import weights as W
+
+# utils/weights.py: what a shipped file holds (the run's last model) and how it is scored
+EXPORT = {"files": {"default": ("ckpt.pt",)}, "weights": "model", "keys": ("dataset", "step", "config")}
+SCORE_SUBSET = "the first 100 test images, dequantization noise from torch.manual_seed(0)"
 
 
 @dataclass
 class Config:
     out_dir: str = "out/nf"
-    """the training run's folder: ckpt.pt is read from it, the figures and eval.json are written to it"""
+    """the training run's folder: ckpt.pt (else the shipped model) is read from it, the figures and eval.json are
+    written to it"""
     ckpt: str | None = None
-    """another checkpoint file instead of out_dir/ckpt.pt"""
+    """another checkpoint file (or shipped .safetensors) instead of out_dir/ckpt.pt"""
     num_samples: int = 64
     temperature: float = 0.7
     """standard deviation of the prior when sampling (the paper's figures use < 1 too)"""
@@ -51,9 +59,19 @@ class Config:
         R.between(self, "u_images", 1, 10_000)
 
 
+def build(ckpt):
+    return RealNVP(FlowConfig(**ckpt["model_config"]))
+
+
 def load_model(path, device):
-    return R.load_model(path, "nf", lambda c: RealNVP(FlowConfig(**c["model_config"])), device,
-                        keys=("dataset", "step"))
+    return R.load_model(path, "nf", build, device, keys=("dataset", "step"))
+
+
+def score(model, ckpt):
+    """The card's metric (utils/weights.py): bits/dim of the first 100 test images under seeded noise u."""
+    x, _ = D.load_images(ckpt["dataset"], "test")
+    torch.manual_seed(0)
+    return {"test_bpd_100": eval_bpd(model, x[:100], next(model.parameters()).device)}
 
 
 def to_uint8(x01):
@@ -81,7 +99,7 @@ def main(cfg: Config) -> dict:
     device = R.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    model, ckpt = load_model(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt", device)
+    model, ckpt = load_model(W.pick(cfg.ckpt, [out / "ckpt.pt"], "nf"), device)
     # samples, scored by the model itself and sorted from most to least likely
     x, _ = model.sample(cfg.num_samples, cfg.temperature)
     x8 = to_uint8(x)

@@ -2,6 +2,8 @@
 
     python ppo/sample.py --out-dir out/ppo                  # 20 deterministic episodes + episode.gif
     python ppo/sample.py --out-dir out/ppo --render human    # watch it (needs a display)
+
+Without a training run in --out-dir it plays the shipped CartPole policy (ppo/pretrained/default.safetensors).
 """
 import os
 import sys
@@ -16,14 +18,20 @@ from ppo.model import ActorCritic
 from ppo.train import check_env, evaluate
 from utils import plot as P
 from utils import run as R
+from utils import weights as W
+
+# utils/weights.py: what a shipped file holds (the last policy of a run, with its observation statistics) and its score
+EXPORT = {"files": {"default": ("ckpt.pt",)}, "weights": "model", "keys": ("env", "step", "config")}
+SCORE_SUBSET = "5 deterministic episodes, seeds 0-4"
 
 
 @dataclass
 class Config:
     out_dir: str = "out/ppo"
-    """training output folder: ckpt.pt is loaded from it, eval.json and episode.gif written to it"""
+    """training output folder: ckpt.pt (else the shipped policy) is loaded from it, eval.json and episode.gif
+    written to it"""
     ckpt: str | None = None
-    """another checkpoint file (default: out_dir/ckpt.pt)"""
+    """another checkpoint file, or shipped .safetensors (default: out_dir/ckpt.pt)"""
     env: str | None = None
     """defaults to the checkpoint's env; another id is refused"""
     episodes: int = 20
@@ -38,7 +46,7 @@ class Config:
     def check(self):
         R.check(bool(str(self.out_dir).strip()), "--out-dir must not be empty")
         R.folder(self.out_dir, "--out-dir")
-        R.file_exists(self.ckpt or Path(self.out_dir) / "ckpt.pt", "checkpoint (train first, or pass --ckpt)")
+        R.file_exists(self.ckpt, "--ckpt")
         if self.env is not None:
             check_env(self.env)
         R.between(self, "episodes", 1, 10_000)
@@ -48,14 +56,23 @@ class Config:
                 or "WAYLAND_DISPLAY" in os.environ, "--render human needs a display (none here); use gif")
 
 
+def build(ckpt):
+    return ActorCritic(**ckpt["model_config"])
+
+
 def load_agent(path):
-    return R.load_model(path, "ppo", lambda c: ActorCritic(**c["model_config"]), keys=("env", "step"))
+    return R.load_model(path, "ppo", build, keys=("env", "step"))
+
+
+def score(agent, ckpt):
+    """The card's metric (utils/weights.py): mean return of 5 deterministic episodes."""
+    return {"return_5": float(np.mean(evaluate(agent, ckpt["env"], 5, seed=0)[0]))}
 
 
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     out = Path(cfg.out_dir)
-    agent, ckpt = load_agent(Path(cfg.ckpt) if cfg.ckpt else out / "ckpt.pt")
+    agent, ckpt = load_agent(W.pick(cfg.ckpt, [out / "ckpt.pt"], "ppo"))
     env_id = cfg.env or ckpt["env"]
     R.check(env_id == ckpt["env"], f"the checkpoint is for {ckpt['env']}, not {env_id}")
     torch.manual_seed(cfg.seed)

@@ -21,3 +21,11 @@ def stop_at(monkeypatch):
         monkeypatch.setattr(module, "lr_at", stopping)
         return lambda: monkeypatch.setattr(module, "lr_at", real)
     return arm
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The folder of a finished tiny training run per package (test_bad_input.TINY), trained on first use and
+    shared by the test modules that read checkpoints."""
+    from test_bad_input import Trained
+    return Trained(tmp_path_factory.mktemp("trained"))

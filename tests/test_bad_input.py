@@ -52,6 +52,7 @@ TINY = {
     "nf.sample": ["--out-dir", "{nf}", "--device", "cpu", "--num-samples", "4", "--num-test", "8", "--u-draws", "2",
                   "--u-images", "4", "--interp-steps", "2"],
     "gnns.train": [*SYN, "--epochs", "1", "--train-limit", "64", "--hidden", "16", "--num-layers", "1"],
+    "gnns.evaluate": ["--ckpt", "{gnns}/ckpt.pt", "--test-limit", "16", "--device", "cpu"],
     "gnns.sample": [*SYN, "--epochs", "1", "--train-limit", "64", "--hidden", "16", "--num-layers", "1",
                     "--layers", "conv"],
 }
@@ -69,6 +70,7 @@ ACCEPTED = {
         "--seed 0", "--dropout 0", "--warmup 0", "--ema-decay 0", "--sample-interval 0", "--ckpt-interval 0"
     ],
     "gnns.bench": ["--seed 0"],
+    "gnns.evaluate": ["--ckpt <empty file>"],
     "gnns.sample": [
         "--seed 0", "--weight-decay 0", "--patience 0", "--min-lr 0", "--val-size 0", "--bn-stats-graphs 0"
     ],
@@ -139,10 +141,6 @@ class Trained(dict):
         mod.main(R.parse(mod.Config, mod.PRESETS, args=fill(TINY[f"{pkg}.train"], self) + ["--out-dir", self[pkg]]))
         return self[pkg]
 
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return Trained(tmp_path_factory.mktemp("trained"))
 
 
 class Hang(Exception):

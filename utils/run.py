@@ -238,9 +238,13 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path, kind, map_location="cpu", keys=()):
-    """Load a checkpoint written by package `kind`; a missing, corrupt or foreign file, or one without the `keys`
-    the caller needs, exits with code 2. weights_only=True: a pickle that would run code is refused, not run."""
+    """Load a checkpoint written by package `kind` (or shipped weights: utils/weights.py); a missing, corrupt or
+    foreign file, or one without the `keys` the caller needs, exits with code 2. weights_only=True: a pickle that
+    would run code is refused, not run."""
     path = Path(path)
+    if path.suffix == ".safetensors":  # shipped pretrained weights: a card and weights, no pickle
+        from utils import weights
+        return weights.load(path, kind, keys)
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.is_file():

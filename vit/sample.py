@@ -3,6 +3,8 @@ classification of your own images.
 
     python vit/sample.py --out-dir out/vit
     python vit/sample.py --out-dir out/vit --images shoe.jpg shirt.png
+
+Without a training run in --out-dir it evaluates the shipped model (vit/pretrained/default.safetensors).
 """
 import time
 from dataclasses import dataclass, field
@@ -15,17 +17,23 @@ import torch.nn.functional as F
 from utils import data as D
 from utils import plot as P
 from utils import run as R
+from utils import weights as W
 from vit.model import ViT, ViTConfig, attention_rollout
 from vit.train import evaluate
+
+# utils/weights.py: what a shipped file holds (the run's best.pt: best validation accuracy) and how it is scored
+EXPORT = {"files": {"default": ("best.pt", "ckpt.pt")}, "weights": "model",
+          "keys": ("config", "classes", "dataset", "epoch")}
+SCORE_SUBSET = "the first 1,000 test images"
 
 
 @dataclass
 class Config:
     out_dir: str = "out/vit"
     """training output folder: the selected checkpoint (best.pt, chosen on the validation split; ckpt.pt, the last
-    epoch, when training ran without one) is loaded, figures and eval.json are written here"""
+    epoch, when training ran without one; else the shipped model) is loaded, figures and eval.json are written here"""
     ckpt: str | None = None
-    """a checkpoint file to evaluate instead"""
+    """a checkpoint file (or shipped .safetensors) to evaluate instead"""
     images: list[str] = field(default_factory=list)
     """your own image files to classify (any size or mode); prints the top-3 classes"""
     data_dir: str | None = None
@@ -37,18 +45,26 @@ class Config:
         R.check_device(self.device)
         R.between(self, "num_show", 1, 256)
         R.file_exists(self.ckpt, "--ckpt")
-        if self.ckpt is None:
-            R.check(Path(self.out_dir).is_dir(), f"--out-dir {self.out_dir} is not a folder (train first)")
-            R.check(any((Path(self.out_dir) / f).is_file() for f in ("best.pt", "ckpt.pt")),
-                    f"no checkpoint in {self.out_dir} (train first, or pass the right --out-dir / --ckpt)")
+        R.folder(self.out_dir, "--out-dir")
         for path in self.images:
             R.file_exists(path, "image")
         R.existing_folder(self.data_dir, "--data-dir")
 
 
+def build(ckpt):
+    return ViT(ViTConfig(**ckpt["model_config"]))
+
+
 def load_model(path, device):
-    return R.load_model(path, "vit", lambda c: ViT(ViTConfig(**c["model_config"])), device,
-                        keys=("config", "classes", "dataset", "epoch"))
+    return R.load_model(path, "vit", build, device, keys=("config", "classes", "dataset", "epoch"))
+
+
+def score(model, ckpt):
+    """The card's metric (utils/weights.py): accuracy on the first 1,000 test images."""
+    x, y = D.load_images(ckpt["dataset"], "test")
+    acc, _ = evaluate(model, x[:1000], y[:1000], next(model.parameters()).device,
+                      cpu_bf16=bool(ckpt["config"].get("cpu_bf16")))
+    return {"test_acc_1000": acc}
 
 
 def read_image(path, cfg):
@@ -123,9 +139,9 @@ def main(cfg: Config) -> dict:
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     # the checkpoint train.py selected: best.pt (best validation accuracy), or ckpt.pt when it ran with --val-size 0
-    path = Path(cfg.ckpt) if cfg.ckpt else (out / "best.pt" if (out / "best.pt").exists() else out / "ckpt.pt")
-    selected_on = ("--ckpt" if cfg.ckpt else "validation accuracy" if path.name == "best.pt" else
-                   "nothing: the last epoch")
+    path = W.pick(cfg.ckpt, [out / "best.pt", out / "ckpt.pt"], "vit")
+    selected_on = ("--ckpt" if cfg.ckpt else "validation accuracy" if path.name in ("best.pt", "default.safetensors")
+                   else "nothing: the last epoch")
     model, ckpt = load_model(path, device)
     out.mkdir(parents=True, exist_ok=True)
     classes = ckpt["classes"]
