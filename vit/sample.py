@@ -140,9 +140,10 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     # the checkpoint train.py selected: best.pt (best validation accuracy), or ckpt.pt when it ran with --val-size 0
     path = W.pick(cfg.ckpt, [out / "best.pt", out / "ckpt.pt"], "vit")
-    selected_on = ("--ckpt" if cfg.ckpt else "validation accuracy" if path.name in ("best.pt", "default.safetensors")
-                   else "nothing: the last epoch")
     model, ckpt = load_model(path, device)
+    origin = Path(ckpt.get("shipped_from") or path).name  # a shipped file says which file of its run it holds
+    selected_on = ("--ckpt" if cfg.ckpt else "validation accuracy" if origin == "best.pt" else
+                   "nothing: the last epoch")
     out.mkdir(parents=True, exist_ok=True)
     classes = ckpt["classes"]
     if cfg.images:  # only the user's images: no dataset needed
