@@ -138,7 +138,7 @@ def over_seeds(cfg: Config) -> dict:
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     P.plot_curves(curves, out / "curves.png", xlabel="epoch",
                   ylabel="validation accuracy" if cfg.val_size != 0 else "training loss",
-                  title=f"{cfg.dataset} {cfg.graph} graphs, mean of {len(cfg.seeds)} seeds (band: min-max)")
+                  title=f"{cfg.dataset} {cfg.graph}: mean of {len(cfg.seeds)} seeds, band min-max")
     R.write_json(out / "summary.json", {"seeds": cfg.seeds, "results": table})
     print("\n".join(lines))
     return {"results": runs, "table": table}

@@ -138,9 +138,9 @@ def test_bad_input_exits_2(tmp_path, text_file):
         with pytest.raises(SystemExit) as e:
             train.main(cfg)
         assert e.value.code == 2
-    r = subprocess.run([sys.executable, "gpt/sample.py", "--out-dir", str(tmp_path / "none")], cwd=REPO,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "gpt/sample.py", "--ckpt", str(tmp_path / "none" / "ckpt.pt")], cwd=REPO,
+                       capture_output=True, text=True)  # without --ckpt, a missing run falls back to shipped weights
+    assert r.returncode == 2 and r.stderr.startswith("error: --ckpt") and len(r.stderr.splitlines()) == 1
 
 
 def test_prompt_outside_vocab(tmp_path, text_file):
