@@ -86,7 +86,8 @@ def main(cfg: Config) -> dict:
 
 
 def finished(cfg: Config, folder: Path):
-    """The summaries of a comparison in `folder` whose runs all finished the requested epochs, else None."""
+    """The summaries of the comparison in `folder` (cfg's seed and out_dir) if its runs all finished the requested
+    epochs, else None. A run made with other settings exits with one line, as its --resume would."""
     rows = []
     for layer in cfg.layers:
         try:
@@ -96,6 +97,8 @@ def finished(cfg: Config, folder: Path):
         if not isinstance(s, dict) or "test_acc" not in s or not (s.get("epochs") == cfg.epochs
                                                                  or s.get("stopped_early")):
             return None
+        saved = R.load_checkpoint(folder / layer / "ckpt.pt", "gnns", keys=("config",))["config"]
+        R.check_resume(saved, train_config(cfg, layer), ignore=("epochs",))
         rows.append(s)
     return rows
 
@@ -105,8 +108,8 @@ def over_seeds(cfg: Config) -> dict:
     their min-max band."""
     out, runs = Path(cfg.out_dir), {}
     for seed in cfg.seeds:
-        r = (cfg.resume and finished(cfg, out / f"seed{seed}")
-             or main(replace(cfg, seeds=None, seed=seed, out_dir=str(out / f"seed{seed}")))["results"])
+        one = replace(cfg, seeds=None, seed=seed, out_dir=str(out / f"seed{seed}"))
+        r = cfg.resume and finished(one, Path(one.out_dir)) or main(one)["results"]
         if len(r) < len(cfg.layers):
             print(f"stopped at seed {seed} (continue with --resume)")
             return {"results": runs}

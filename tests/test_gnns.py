@@ -245,6 +245,9 @@ def test_compare_over_seeds_reports_each_seeds_run_and_their_mean(tmp_path, fast
     assert again["table"] == res["table"] and (tmp_path / "compare.md").read_text() == table
     rows = R.read_jsonl(tmp_path / "seed0" / "conv" / "metrics.jsonl")
     assert sum("train_loss" in r for r in rows) == 1 and sum("test_acc" in r for r in rows) == 1  # read, not rerun
+    with pytest.raises(SystemExit) as e:  # finished runs of other settings are not averaged in
+        sample.main(dataclasses.replace(cfg, resume=True, hidden=8))
+    assert e.value.code == 2
 
 
 def test_smoke_train_and_compare(tmp_path, fast_graphs):
