@@ -54,8 +54,8 @@ def main(cfg: Config) -> dict:
         return over_seeds(cfg)
     out = Path(cfg.out_dir)
     results, curves = [], {}
-    for layer in cfg.layers:
-        s = train.main(train_config(cfg, layer))
+    for layer in cfg.layers:  # with --resume a finished run is read, not evaluated again
+        s = cfg.resume and finished_run(cfg, layer) or train.main(train_config(cfg, layer))
         if s.get("interrupted"):
             print(f"comparison stopped: the {layer} run was interrupted (continue it with --resume)")
             break
@@ -85,22 +85,19 @@ def main(cfg: Config) -> dict:
     return {"results": results}
 
 
-def finished(cfg: Config, folder: Path):
-    """The summaries of the comparison in `folder` (cfg's seed and out_dir) if its runs all finished the requested
-    epochs, else None. A run made with other settings exits with one line, as its --resume would."""
-    rows = []
-    for layer in cfg.layers:
-        try:
-            s = R.read_json(folder / layer / "summary.json")
-        except (OSError, ValueError):
-            return None
-        if not isinstance(s, dict) or "test_acc" not in s or not (s.get("epochs") == cfg.epochs
-                                                                 or s.get("stopped_early")):
-            return None
-        saved = R.load_checkpoint(folder / layer / "ckpt.pt", "gnns", keys=("config",))["config"]
-        R.check_resume(saved, train_config(cfg, layer), ignore=("epochs",))
-        rows.append(s)
-    return rows
+def finished_run(cfg: Config, layer: str):
+    """The summary of `layer`'s run in cfg.out_dir if it finished the requested epochs with these settings (its
+    checkpoint at that epoch), else None; finished runs of other settings exit with one line, as --resume would."""
+    folder = Path(cfg.out_dir) / layer
+    try:
+        s = R.read_json(folder / "summary.json")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(s, dict) or "test_acc" not in s or not (s.get("epochs") == cfg.epochs or s.get("stopped_early")):
+        return None
+    ckpt = R.load_checkpoint(folder / "ckpt.pt", "gnns", keys=("config", "state"))
+    R.check_resume(ckpt["config"], train_config(cfg, layer), ignore=("epochs",))
+    return s if ckpt["state"].get("epoch") == s["epochs"] else None  # else a later run was cut off: resume it
 
 
 def over_seeds(cfg: Config) -> dict:
@@ -109,7 +106,7 @@ def over_seeds(cfg: Config) -> dict:
     out, runs = Path(cfg.out_dir), {}
     for seed in cfg.seeds:
         one = replace(cfg, seeds=None, seed=seed, out_dir=str(out / f"seed{seed}"))
-        r = cfg.resume and finished(one, Path(one.out_dir)) or main(one)["results"]
+        r = main(one)["results"]  # with --resume its finished runs are read
         if len(r) < len(cfg.layers):
             print(f"stopped at seed {seed} (continue with --resume)")
             return {"results": runs}
@@ -132,11 +129,11 @@ def over_seeds(cfg: Config) -> dict:
         table.append({"layer": layer, "test_acc": test, "val_acc": val, "test_mean": statistics.mean(test),
                       "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0})
         key = "val_acc" if cfg.val_size != 0 else "train_loss"
-        per_seed = [[r[key] for r in R.read_jsonl(out / f"seed{s}" / layer / "metrics.jsonl") if key in r
-                     and "train_loss" in r] for s in cfg.seeds]
-        n = min(len(c) for c in per_seed)
-        cols = [[c[e] for c in per_seed] for e in range(n)]
-        curves[NAMES[layer]] = (list(range(1, n + 1)), [statistics.mean(c) for c in cols], [min(c) for c in cols],
+        per_seed = [{r["epoch"]: r[key] for r in R.read_jsonl(out / f"seed{s}" / layer / "metrics.jsonl")
+                     if key in r and "train_loss" in r} for s in cfg.seeds]
+        epochs = sorted(set.intersection(*(set(c) for c in per_seed)))  # the epochs every seed logged
+        cols = [[c[e] for c in per_seed] for e in epochs]
+        curves[NAMES[layer]] = (epochs, [statistics.mean(c) for c in cols], [min(c) for c in cols],
                                 [max(c) for c in cols])
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     P.plot_curves(curves, out / "curves.png", xlabel="epoch",

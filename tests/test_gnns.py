@@ -237,6 +237,7 @@ def test_compare_over_seeds_reports_each_seeds_run_and_their_mean(tmp_path, fast
     for row in res["table"]:
         per_seed = [R.read_json(tmp_path / f"seed{s}" / row["layer"] / "summary.json")["test_acc"] for s in (0, 1)]
         assert row["test_acc"] == per_seed and row["test_mean"] == pytest.approx(statistics.mean(per_seed))
+        assert res["results"][0][0]["layer"] == row["layer"] == "conv"
         assert row["test_sd"] == pytest.approx(statistics.stdev(per_seed))
     table = (tmp_path / "compare.md").read_text()
     assert "2 seeds (0, 1)" in table and table.count("±") == 3  # the header; val and test
