@@ -32,7 +32,8 @@ class Config(train.Config):
         super().check()
         R.check(len(self.layers) > 0, "--layers needs at least one of conv, attn, mpnn")
         R.check(self.seeds is None or (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
-                                       and min(self.seeds) >= 0), f"--seeds must be distinct and >= 0, got {self.seeds}")
+                                       and min(self.seeds) >= 0),
+                f"--seeds must be distinct and >= 0, got {self.seeds}")
         for layer in self.layers:
             train_config(self, layer).check()
 

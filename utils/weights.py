@@ -7,7 +7,7 @@ shipped file on a fixed small test subset next to those of the training checkpoi
 
     python -m utils.weights export --pkg gpt --out-dir out/gpt        # refresh gpt/pretrained/ from a training run
     python -m utils.weights export --pkg gnns --out-dir out/gnns      # all three flavours: conv, attn, mpnn
-    python -m utils.weights check                                     # every shipped file loads and scores as its card says
+    python -m utils.weights check                                     # every shipped file scores as its card says
 
 Each package's sample/eval script (SCRIPT below) says how: `EXPORT` (which files of a run, which weights, which
 checkpoint fields), `build(ckpt)` (the model from its stored config) and `score(model, ckpt)` (the card's metrics).
@@ -91,8 +91,9 @@ def load(path, kind, keys=()):
     R.check(sha256(path) == card["sha256"], f"{path} does not match its card's sha256 (a corrupt or replaced file); "
                                             f"restore it with git checkout or export it again")
     exact = set(card["exact"])
-    ckpt = {**card["checkpoint"], "kind": kind, "model_config": card["model_config"], "shipped_from": card.get("source"),
-            card["weights"]: {k: v.float() if v.is_floating_point() and k not in exact else v for k, v in state.items()}}
+    weights = {k: v.float() if v.is_floating_point() and k not in exact else v for k, v in state.items()}
+    ckpt = {**card["checkpoint"], "kind": kind, "model_config": card["model_config"],
+            "shipped_from": card.get("source"), card["weights"]: weights}
     missing = [k for k in keys if k not in ckpt]
     R.check(not missing, f"{path}: its card lacks {', '.join(missing)} (it holds the model's {card['weights']} "
                          f"weights only)")
