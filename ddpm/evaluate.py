@@ -166,7 +166,7 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    diffusion, ckpt = load_diffusion(W.pick(cfg.ckpt, [out / "ckpt.pt"], "ddpm"), device)
+    diffusion, ckpt = load_diffusion(W.pick(cfg.ckpt, out, "ddpm"), device)
     check_steps(cfg.steps, diffusion, cfg.sampler)
     diffusion.sigma = cfg.sigma or diffusion.sigma
     c, size, _ = D.dataset_info(ckpt["dataset"])

@@ -114,7 +114,7 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    diffusion, ckpt = load_diffusion(W.pick(cfg.ckpt, [out / "ckpt.pt"], "ddpm"), device, cfg.use_ema)
+    diffusion, ckpt = load_diffusion(W.pick(cfg.ckpt, out, "ddpm"), device, cfg.use_ema)
     check_steps(cfg.steps, diffusion, cfg.sampler)
     c, size, _ = D.dataset_info(ckpt["dataset"])
     torch.manual_seed(cfg.seed)

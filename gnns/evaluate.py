@@ -5,11 +5,10 @@ pretrained weights (gnns/pretrained/<layer>.safetensors) where there is no train
     python gnns/evaluate.py --test-limit 1000          # the first 1,000 test graphs
     python gnns/evaluate.py --ckpt out/gnns/mpnn/ckpt.pt
 """
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import torch
 
 from gnns.graphs import load_graphs
 from gnns.model import GNN, GNNConfig
@@ -20,8 +19,9 @@ from utils import weights as W
 
 LAYERS = ("conv", "attn", "mpnn")
 # utils/weights.py: what a shipped file holds (the checkpoint train.py selected on validation), how it is scored
-EXPORT = {"files": {layer: (f"{layer}/ckpt.pt",) for layer in LAYERS}, "weights": "best_model",
-          "fallback": "model", "keys": ("config",)}  # fallback: the last weights of a run without a validation split
+# weights: the selected ones, else (a run without a validation split) the last
+EXPORT = {"files": {layer: (f"{layer}/ckpt.pt",) for layer in LAYERS}, "weights": ("best_model", "model"),
+          "keys": ("config",)}
 SCORE_SUBSET = "the first 1,000 test graphs"
 
 
@@ -52,44 +52,36 @@ def build(ckpt):
 
 
 def load(path, device):
-    """The checkpoint's selected weights (its last ones after a run without a validation split)."""
-    ckpt = R.load_checkpoint(path, "gnns", device, keys=("model_config", "config"))
-    weights = "best_model" if ckpt.get("best_model") is not None else "model"
-    return R.load_model(path, "gnns", build, device, keys=("config",), weights=weights)
+    return R.load_model(path, "gnns", build, device, keys=EXPORT["keys"], weights=EXPORT["weights"])
 
 
-def test_graphs(ckpt, limit, data_dir=None):
-    c = ckpt["config"]
-    cache = None if c["dataset"].startswith("synthetic") else D.REPO / "data"
-    return load_graphs(c["dataset"], "test", c["graph"], data_dir, limit, cache)
+@functools.lru_cache(maxsize=None)  # built (or read from data/) once per process
+def test_graphs(dataset, graph, limit, data_dir=None):
+    cache = None if dataset.startswith("synthetic") else D.REPO / "data"
+    return load_graphs(dataset, "test", graph, data_dir, limit, cache)
 
 
-def score(model, ckpt, _graphs={}):
-    """The card's metric (utils/weights.py): accuracy on the first 1,000 test graphs (built once per process)."""
-    key = (ckpt["config"]["dataset"], ckpt["config"]["graph"])
-    if key not in _graphs:
-        _graphs[key] = test_graphs(ckpt, 1000)
-    return {"test_acc_1000": evaluate(model, _graphs[key], next(model.parameters()).device)[0]}
+def score(model, ckpt):
+    """The card's metric (utils/weights.py): accuracy on the first 1,000 test graphs."""
+    graphs = test_graphs(ckpt["config"]["dataset"], ckpt["config"]["graph"], 1000)
+    return {"test_acc_1000": evaluate(model, graphs, next(model.parameters()).device)[0]}
 
 
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    paths = {"--ckpt": W.pick(cfg.ckpt, [], "gnns")} if cfg.ckpt else {
-        layer: W.pick(None, [out / layer / "ckpt.pt"], "gnns", layer) for layer in cfg.layers}
-    rows, graphs = [], {}
-    for name, path in paths.items():
+    paths = [W.pick(cfg.ckpt, out, "gnns")] if cfg.ckpt else [W.pick(None, out, "gnns", layer) for layer in cfg.layers]
+    rows = []
+    for path in paths:
         model, ckpt = load(path, device)
-        key = (ckpt["config"]["dataset"], ckpt["config"]["graph"])
-        if key not in graphs:  # built once per dataset, cached in data/
-            graphs[key] = test_graphs(ckpt, cfg.test_limit, cfg.data_dir)
-        with torch.no_grad():
-            acc, loss = evaluate(model, graphs[key], device)
-        rows.append({"layer": ckpt["model_config"]["layer"], "checkpoint": str(path), "dataset": key[0],
-                     "graph": key[1], "test_graphs": len(graphs[key]), "test_acc": acc, "test_loss": loss})
-        print(f"{rows[-1]['layer']:>4}: test accuracy {acc:.4f} (loss {loss:.4f}) on {len(graphs[key])} "
-              f"{key[0]} {key[1]} graphs")
+        dataset, graph = ckpt["config"]["dataset"], ckpt["config"]["graph"]
+        graphs = test_graphs(dataset, graph, cfg.test_limit, cfg.data_dir)
+        acc, loss = evaluate(model, graphs, device)
+        rows.append({"layer": ckpt["model_config"]["layer"], "checkpoint": str(path), "dataset": dataset,
+                     "graph": graph, "test_graphs": len(graphs), "test_acc": acc, "test_loss": loss})
+        print(f"{rows[-1]['layer']:>4}: test accuracy {acc:.4f} (loss {loss:.4f}) on {len(graphs)} "
+              f"{dataset} {graph} graphs")
     R.write_json(out / "eval.json", {"results": rows})
     print(f"-> {out / 'eval.json'}")
     return {"results": rows}

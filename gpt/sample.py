@@ -85,7 +85,7 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    model, tok, ckpt = load_model(W.pick(cfg.ckpt, [out / "best.pt", out / "ckpt.pt"], "gpt"), device)
+    model, tok, ckpt = load_model(W.pick(cfg.ckpt, out, "gpt"), device)
     bad = tok.unknown(cfg.prompt)
     R.check(not bad, f"--prompt has characters outside the model's vocabulary: {''.join(bad)!r}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -99,7 +99,7 @@ def main(cfg: Config) -> dict:
     device = R.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    model, ckpt = load_model(W.pick(cfg.ckpt, [out / "ckpt.pt"], "nf"), device)
+    model, ckpt = load_model(W.pick(cfg.ckpt, out, "nf"), device)
     # samples, scored by the model itself and sorted from most to least likely
     x, _ = model.sample(cfg.num_samples, cfg.temperature)
     x8 = to_uint8(x)

@@ -72,7 +72,7 @@ def score(agent, ckpt):
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     out = Path(cfg.out_dir)
-    agent, ckpt = load_agent(W.pick(cfg.ckpt, [out / "ckpt.pt"], "ppo"))
+    agent, ckpt = load_agent(W.pick(cfg.ckpt, out, "ppo"))
     env_id = cfg.env or ckpt["env"]
     R.check(env_id == ckpt["env"], f"the checkpoint is for {ckpt['env']}, not {env_id}")
     torch.manual_seed(cfg.seed)

@@ -265,9 +265,13 @@ def load_checkpoint(path, kind, map_location="cpu", keys=()):
 
 def load_model(path, kind, build, device="cpu", keys=(), weights="model"):
     """The model a checkpoint holds, in eval mode: `build(ckpt)` makes it from the stored settings, then the
-    `weights` state is loaded; settings this code cannot build or weights that do not fit exit with one line.
-    Returns (model, ckpt)."""
-    ckpt = load_checkpoint(path, kind, device, keys=("model_config", weights, *keys))
+    `weights` state is loaded (a tuple of keys: the first one the checkpoint holds, e.g. the selected weights, else
+    the last); settings this code cannot build or weights that do not fit exit with one line. Returns (model, ckpt)."""
+    names = (weights,) if isinstance(weights, str) else tuple(weights)
+    required = names if len(names) == 1 else ()  # one key: required, with load_checkpoint's message
+    ckpt = load_checkpoint(path, kind, device, keys=("model_config", *keys, *required))
+    weights = next((n for n in names if ckpt.get(n) is not None), None)
+    check(weights is not None, f"{path} holds none of {', '.join(names)}: an incomplete '{kind}' checkpoint")
     try:
         model = build(ckpt).to(device)
     except (TypeError, ValueError, AssertionError, KeyError) as e:

