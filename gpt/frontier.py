@@ -6,7 +6,8 @@ QK-norm, ReLU^2, Muon) trained for the same wall-time budgets, plus each modern 
 
 Each configuration is first timed on --calib-iters iterations: seconds per iteration and the fixed cost (the two
 evaluations, setup). A budget of b seconds then gets max_iters = (b - fixed) / (seconds per iteration), with the
-warmup and cosine schedule of gpt/train.py over exactly those iterations. The two arms alternate budget by budget,
+warmup and cosine schedule of gpt/train.py over exactly those iterations; each run's measured speed sizes that
+arm's next run (a 20-iteration warm-up alone misses budgets by up to 20%: it counts the slow first iteration). The two arms alternate budget by budget,
 so a machine that slows down slows both. Writes summary.json and frontier.png (val loss vs wall seconds).
 """
 from dataclasses import asdict, dataclass, replace
@@ -90,6 +91,8 @@ def main(cfg: Config) -> dict:
         iters = max(1, int((budget - fixed) / per_iter))  # the schedule spans exactly the iterations that fit
         s = train.main(replace(tcfg, out_dir=str(out / f"{arm}-{budget:g}s"), max_iters=iters, eval_interval=iters,
                                log_interval=max(1, iters // 10), warmup_iters=min(tcfg.warmup_iters, iters // 10)))
+        per_iter = tcfg.batch_size * tcfg.block_size * tcfg.grad_accum / s["tokens_per_s"]
+        timing[arm] = (per_iter, max(0.0, s["wall_s"] - iters * per_iter))  # the arm's next run: this run's speed
         row = {"arm": arm, "budget_s": budget, "iters": iters, "wall_s": s["wall_s"], "val_loss": s["val_loss"],
                "ms_per_iter": round(1000 * per_iter, 2), "params": s["params"]}
         runs.append(row)

@@ -490,3 +490,21 @@ def test_frontier_smoke(tmp_path):
         assert ckpt["config"]["max_iters"] == r["iters"] == ckpt["step"]
     assert ckpt["config"]["pos_emb"] == "rope" and s["arms"]["modern"]["optimizer"] == "muon"
     assert (tmp_path / "f" / "frontier.png").stat().st_size > 0 and (tmp_path / "f" / "summary.json").exists()
+
+
+def test_frontier_sizes_each_run_from_the_arms_last_measured_speed(tmp_path, monkeypatch):
+    """The warm-up's speed sizes an arm's first budget only: when the machine turns out slower in a real run (here
+    20 ms/iter against the warm-up's 10), the next budget is sized from that run and ends on time (a schedule sized
+    from the warm-up alone overran the 100 s budget twice over)."""
+    from gpt import frontier
+
+    def fake_train(cfg):  # the training loop's summary, on a machine twice as slow outside the warm-up
+        per_iter = 0.01 if "calibration" in cfg.out_dir else 0.02
+        return {"tokens_per_s": cfg.batch_size * cfg.block_size * cfg.grad_accum / per_iter,
+                "wall_s": 1.0 + cfg.max_iters * per_iter, "val_loss": 1.0, "params": 1}
+    monkeypatch.setattr(frontier.train, "main", fake_train)
+    (tmp_path / "f").mkdir()  # the real training loop makes it
+    s = frontier.main(frontier.Config(out_dir=str(tmp_path / "f"), budgets=(10.0, 100.0), ablation_budget=0,
+                                      device="cpu"))
+    second = [r for r in s["frontier"] if r["budget_s"] == 100.0]
+    assert len(second) == 2 and all(abs(r["wall_s"] - 100.0) <= 1.0 for r in second), second
