@@ -10,6 +10,7 @@ warmup and cosine schedule of gpt/train.py over exactly those iterations; each r
 arm's next run (a 20-iteration warm-up alone misses budgets by up to 20%: it counts the slow first iteration). The two arms alternate budget by budget,
 so a machine that slows down slows both. Writes summary.json and frontier.png (val loss vs wall seconds).
 """
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,17 @@ def arm_config(cfg, arm, extra):
     return replace(base, text=cfg.text, device=cfg.device, seed=cfg.seed, **sizes, **extra)
 
 
+def baseline_at(points, wall):
+    """The baseline frontier's val loss at `wall` seconds: linear in log(wall) between the two budget runs around
+    it; None outside them. Runs miss their budget by what the machine's speed drifts (here up to 30%), so an arm is
+    compared with the baseline at the wall time it actually took, not with the baseline run of the same budget."""
+    pts = sorted(points)
+    for (w0, l0), (w1, l1) in zip(pts, pts[1:]):
+        if w0 <= wall <= w1:
+            return l0 + (l1 - l0) * (math.log(wall / w0) / math.log(w1 / w0) if w1 > w0 else 0.0)
+    return None
+
+
 def main(cfg: Config) -> dict:
     R.validate(cfg)
     out = Path(cfg.out_dir)
@@ -107,17 +119,25 @@ def main(cfg: Config) -> dict:
             if arm not in ablation:
                 ablation[arm] = run(arm, b)
 
-    print(f"\n{'budget':>8} | {'baseline':>8} | {'modern':>8} | {'delta':>7} | iters baseline / modern")
+    base_points = [(frontier[b]["baseline"]["wall_s"], frontier[b]["baseline"]["val_loss"]) for b in cfg.budgets]
+    for r in runs:  # each run against the baseline at the wall time it took ("same wall" below)
+        at = baseline_at(base_points, r["wall_s"])
+        r["delta_same_wall"] = None if at is None else r["val_loss"] - at
+
+    def same(r):
+        return "n/a" if r["delta_same_wall"] is None else f"{r['delta_same_wall']:+.4f}"
+    print(f"\n{'budget':>8} | {'baseline':>15} | {'modern':>15} | {'delta':>7} | same wall | iters base / modern")
     for b, r in frontier.items():
         base, mod = r["baseline"], r["modern"]
-        print(f"{b:>7g}s | {base['val_loss']:8.4f} | {mod['val_loss']:8.4f} | "
-              f"{mod['val_loss'] - base['val_loss']:+7.4f} | {base['iters']} / {mod['iters']}")
+        print(f"{b:>7g}s | {base['val_loss']:.4f} {base['wall_s']:>5.0f} s | {mod['val_loss']:.4f} "
+              f"{mod['wall_s']:>5.0f} s | {mod['val_loss'] - base['val_loss']:+7.4f} | {same(mod):>9} | "
+              f"{base['iters']} / {mod['iters']}")
     if ablation:
         print(f"\nablation at {cfg.ablation_budget:g} s: each option alone on the baseline")
         for arm, r in ablation.items():
             delta = r["val_loss"] - ablation["baseline"]["val_loss"]
-            print(f"{arm:>10} | val loss {r['val_loss']:.4f} | {delta:+.4f} | {r['iters']} iters, "
-                  f"{r['ms_per_iter']:.1f} ms/iter")
+            print(f"{arm:>10} | val loss {r['val_loss']:.4f} | {delta:+.4f} | same wall {same(r):>7} | "
+                  f"{r['wall_s']:.0f} s, {r['iters']} iters, {r['ms_per_iter']:.1f} ms/iter")
     fig, ax = plt.subplots(figsize=(6, 4))  # utils.plot.plot_curves draws no markers: one budget would be blank
     for arm, label in (("baseline", "baseline (cpu preset)"), ("modern", "modern preset")):
         ax.plot([frontier[b][arm]["wall_s"] for b in cfg.budgets], [frontier[b][arm]["val_loss"] for b in cfg.budgets],

@@ -508,3 +508,13 @@ def test_frontier_sizes_each_run_from_the_arms_last_measured_speed(tmp_path, mon
                                       device="cpu"))
     second = [r for r in s["frontier"] if r["budget_s"] == 100.0]
     assert len(second) == 2 and all(abs(r["wall_s"] - 100.0) <= 1.0 for r in second), second
+
+
+def test_frontier_compares_at_the_wall_time_a_run_took():
+    """baseline_at interpolates the baseline frontier linearly in log(wall): hand-computed points, the ends, and no
+    extrapolation outside the measured budgets."""
+    from gpt.frontier import baseline_at
+    pts = [(400.0, 1.5), (100.0, 2.0)]  # any order
+    assert baseline_at(pts, 100.0) == 2.0 and baseline_at(pts, 400.0) == 1.5
+    assert baseline_at(pts, 200.0) == pytest.approx(1.75)  # halfway in log(wall)
+    assert baseline_at(pts, 50.0) is None and baseline_at(pts, 800.0) is None
