@@ -7,8 +7,9 @@ QK-norm, ReLU^2, Muon) trained for the same wall-time budgets, plus each modern 
 Each configuration is first timed on --calib-iters iterations: seconds per iteration and the fixed cost (the two
 evaluations, setup). A budget of b seconds then gets max_iters = (b - fixed) / (seconds per iteration), with the
 warmup and cosine schedule of gpt/train.py over exactly those iterations; each run's measured speed sizes that
-arm's next run (a 20-iteration warm-up alone misses budgets by up to 20%: it counts the slow first iteration). The two arms alternate budget by budget,
-so a machine that slows down slows both. Writes summary.json and frontier.png (val loss vs wall seconds).
+arm's next run (a 20-iteration warm-up alone missed budgets by -18% to +27%; the ablation arms, run once, still
+rely on it, so every run is also compared with the baseline at the wall time it took: `delta_same_wall`). The two
+arms alternate budget by budget, so a machine that slows down slows both. Writes summary.json and frontier.png.
 """
 import math
 from dataclasses import asdict, dataclass, replace
@@ -75,12 +76,15 @@ def arm_config(cfg, arm, extra):
 
 def baseline_at(points, wall):
     """The baseline frontier's val loss at `wall` seconds: linear in log(wall) between the two budget runs around
-    it; None outside them. Runs miss their budget by what the machine's speed drifts (here up to 30%), so an arm is
+    it; None outside them. Runs miss their budget as the machine's speed drifts (here -18% to +27%), so an arm is
     compared with the baseline at the wall time it actually took, not with the baseline run of the same budget."""
-    pts = sorted(points)
+    pts = sorted((w, l) for w, l in points if w > 0)
+    for w, l in pts:
+        if w == wall:
+            return l
     for (w0, l0), (w1, l1) in zip(pts, pts[1:]):
-        if w0 <= wall <= w1:
-            return l0 + (l1 - l0) * (math.log(wall / w0) / math.log(w1 / w0) if w1 > w0 else 0.0)
+        if w0 < wall < w1:
+            return l0 + (l1 - l0) * math.log(wall / w0) / math.log(w1 / w0)
     return None
 
 
@@ -103,10 +107,11 @@ def main(cfg: Config) -> dict:
         iters = max(1, int((budget - fixed) / per_iter))  # the schedule spans exactly the iterations that fit
         s = train.main(replace(tcfg, out_dir=str(out / f"{arm}-{budget:g}s"), max_iters=iters, eval_interval=iters,
                                log_interval=max(1, iters // 10), warmup_iters=min(tcfg.warmup_iters, iters // 10)))
-        per_iter = tcfg.batch_size * tcfg.block_size * tcfg.grad_accum / s["tokens_per_s"]
+        planned, per_iter = per_iter, tcfg.batch_size * tcfg.block_size * tcfg.grad_accum / s["tokens_per_s"]
         timing[arm] = (per_iter, max(0.0, s["wall_s"] - iters * per_iter))  # the arm's next run: this run's speed
         row = {"arm": arm, "budget_s": budget, "iters": iters, "wall_s": s["wall_s"], "val_loss": s["val_loss"],
-               "ms_per_iter": round(1000 * per_iter, 2), "params": s["params"]}
+               "ms_per_iter": round(1000 * per_iter, 2), "planned_ms_per_iter": round(1000 * planned, 2),
+               "params": s["params"]}
         runs.append(row)
         return row
 
@@ -126,7 +131,7 @@ def main(cfg: Config) -> dict:
 
     def same(r):
         return "n/a" if r["delta_same_wall"] is None else f"{r['delta_same_wall']:+.4f}"
-    print(f"\n{'budget':>8} | {'baseline':>15} | {'modern':>15} | {'delta':>7} | same wall | iters base / modern")
+    print(f"\n{'budget':>8} | {'baseline':>14} | {'modern':>14} | {'delta':>7} | same wall | iters base / modern")
     for b, r in frontier.items():
         base, mod = r["baseline"], r["modern"]
         print(f"{b:>7g}s | {base['val_loss']:.4f} {base['wall_s']:>5.0f} s | {mod['val_loss']:.4f} "

@@ -518,3 +518,5 @@ def test_frontier_compares_at_the_wall_time_a_run_took():
     assert baseline_at(pts, 100.0) == 2.0 and baseline_at(pts, 400.0) == 1.5
     assert baseline_at(pts, 200.0) == pytest.approx(1.75)  # halfway in log(wall)
     assert baseline_at(pts, 50.0) is None and baseline_at(pts, 800.0) is None
+    assert baseline_at([(100.0, 2.0)], 100.0) == 2.0 and baseline_at([(100.0, 2.0)], 101.0) is None  # one budget
+    assert baseline_at([(0.0, 3.0), (100.0, 2.0), (100.0, 2.0)], 100.0) == 2.0  # a 0-s run, a repeated point
