@@ -140,6 +140,17 @@ def test_fast_bf16_needs_amx_or_avx512_bf16_as_a_whole_flag(tmp_path):
     assert run.cpu_has_fast_bf16(tmp_path / "absent") is False
 
 
+def test_bf16_asked_for_on_a_cpu_without_it_warns_and_runs_as_asked(tmp_path, capsys):
+    slow, fast = tmp_path / "avx2", tmp_path / "zen4"
+    slow.write_text("flags\t\t: fpu avx avx2 fma\n")
+    fast.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert run.resolve_cpu_bf16(True, slow) is True and "warning: --cpu-bf16 True" in capsys.readouterr().err
+    for flag, info, want in [(None, slow, False), (False, slow, False), (None, fast, True), (True, fast, True),
+                             (False, fast, False)]:
+        assert run.resolve_cpu_bf16(flag, info) is want
+        assert capsys.readouterr().err == "", (flag, info)
+
+
 @pytest.mark.parametrize("n,batch,world", [(1025, 171, 2), (1000, 32, 3), (97, 8, 4), (64, 8, 8), (10, 3, 1)])
 def test_every_rank_gets_the_same_number_of_full_batches(n, batch, world):
     ranks = [data.shuffled_batches(n, batch, epoch=3, seed=1, rank=r, world=world) for r in range(world)]

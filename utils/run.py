@@ -202,9 +202,15 @@ def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_cpu_bf16(flag):
-    """A `--cpu-bf16` flag left at None means: on when the CPU has native bf16 (AMX or AVX512-BF16)."""
-    return cpu_has_fast_bf16() if flag is None else flag
+def resolve_cpu_bf16(flag, cpuinfo="/proc/cpuinfo"):
+    """A `--cpu-bf16` flag left at None means: on when the CPU has native bf16 (AMX or AVX512-BF16). Asked for on a
+    CPU without it, bf16 runs emulated: ddpm trained 17x slower than in fp32 on a 2-core AMD EPYC with AVX2 only
+    (0.027 vs 0.452 steps/s), so the run goes on as asked but says so."""
+    fast = cpu_has_fast_bf16(cpuinfo)
+    if flag and not fast:
+        print("warning: --cpu-bf16 True on a CPU without AMX or AVX512-BF16: bf16 is emulated here and can be >10x "
+              "slower than fp32 (leave --cpu-bf16 unset to pick automatically)", file=sys.stderr)
+    return fast if flag is None else flag
 
 
 def autocast(device, cpu_bf16=False):
