@@ -36,7 +36,7 @@ demo: install data
 	$(PY) nf/sample.py --out-dir $(OUT)/nf
 	@echo "== ddpm: DDPM on Fashion-MNIST"
 	$(PY) ddpm/train.py --preset quick --out-dir $(OUT)/ddpm
-	$(PY) ddpm/sample.py --out-dir $(OUT)/ddpm --sampler ddim --steps 50
+	$(PY) ddpm/sample.py --out-dir $(OUT)/ddpm --sampler ddim --steps 50 --eta 1
 	@echo "== gnns: GCN vs GAT vs MPNN on Fashion-MNIST superpixel graphs (a short run: 5,000 graphs, 4 epochs each)"
 	$(PY) gnns/sample.py --preset quick --out-dir $(OUT)/gnns
 	@echo
@@ -45,7 +45,7 @@ demo: install data
 	@echo "  vit/confusion.png, predictions.png, attention.png   ViT evaluation"
 	@echo "  ppo/episode.gif, eval.json                          the trained CartPole policy"
 	@echo "  nf/samples_ranked.png, interpolation.png            Real NVP samples ranked by likelihood"
-	@echo "  ddpm/samples_ddim50.png, reverse_ddim50.gif         DDPM samples and the reverse process"
+	@echo "  ddpm/samples_ddim50_eta1.png, reverse_ddim50_eta1.gif  DDPM samples and the reverse process"
 	@echo "  gnns/compare.md, curves.png                         the three GNN flavours side by side"
 	@$(PY) -c "import json,glob; [print(f'  {p}: ' + ', '.join(f'{k}={v:.4g}' for k, v in json.load(open(p)).items() if k in ('val_loss','test_acc','eval_return_mean','test_bpd','final_loss'))) for p in sorted(glob.glob('$(OUT)/*/summary.json')) + sorted(glob.glob('$(OUT)/gnns/*/summary.json'))]"
 

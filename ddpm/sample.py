@@ -1,7 +1,8 @@
 """Sample from a trained DDPM: a PNG grid, a GIF of the reverse process, and the forward-process figure.
 
     python ddpm/sample.py --out-dir out/ddpm                          # 1000-step ancestral sampling (Algorithm 2)
-    python ddpm/sample.py --out-dir out/ddpm --sampler ddim --steps 50
+    python ddpm/sample.py --out-dir out/ddpm --sampler ddim --steps 50            # samples_ddim50.png, eta = 0
+    python ddpm/sample.py --out-dir out/ddpm --sampler ddim --steps 50 --eta 1   # samples_ddim50_eta1.png (make demo)
     python ddpm/sample.py --out-dir out/ddpm --sampler dpm++ --steps 20   # DPM-Solver++(2M), logSNR time steps
 
 The network's parameterization (eps or v) is read from the checkpoint. Without a training run in --out-dir the
@@ -125,7 +126,7 @@ def main(cfg: Config) -> dict:
                                progress=lambda it: R.progress(it, desc=f"{cfg.sampler} sampling", mininterval=1),
                                spacing=cfg.spacing)
     dt = time.perf_counter() - t0
-    tag = sampler_tag(cfg.sampler, n_steps)
+    tag = sampler_tag(cfg.sampler, n_steps) + (f"_eta{cfg.eta:g}" if cfg.sampler == "ddim" and cfg.eta else "")
     nrow = int(cfg.num_samples ** 0.5)
     P.save_grid((x + 1) / 2, out / f"samples_{tag}.png", nrow=nrow)
     if every:

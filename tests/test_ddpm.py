@@ -224,6 +224,11 @@ def test_smoke_train_sample_evaluate(tmp_path):
         assert (out / f).exists()
     sample.main(sample.Config(out_dir=str(out), num_samples=4, sampler="ddim", steps=10, gif_frames=0, device="cpu"))
     assert (out / "samples_ddim10.png").exists()
+    eta0 = (out / "samples_ddim10.png").read_bytes()  # an eta = 1 grid (the demo's) is its own file, not this one
+    sample.main(sample.Config(out_dir=str(out), num_samples=4, sampler="ddim", steps=10, eta=1.0, gif_frames=2,
+                              device="cpu"))
+    assert (out / "samples_ddim10_eta1.png").exists() and (out / "reverse_ddim10_eta1.gif").exists()
+    assert (out / "samples_ddim10.png").read_bytes() == eta0
     res = evaluate.main(evaluate.Config(out_dir=str(out), num_samples=0, nll_images=8, nll_t=None, device="cpu"))
     assert 0 < res["nll_bpd"] < 20
     s2 = train.main(train.Config(out_dir=str(out), steps=65, resume=True, **TINY))
