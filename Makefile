@@ -41,12 +41,12 @@ demo: install data
 	$(PY) gnns/sample.py --preset quick --out-dir $(OUT)/gnns
 	@echo
 	@echo "Outputs under $(OUT)/:"
-	@echo "  gpt/generated.txt                                   samples of the GPT"
-	@echo "  vit/confusion.png, predictions.png, attention.png   ViT evaluation"
-	@echo "  ppo/episode.gif, eval.json                          the trained CartPole policy"
-	@echo "  nf/samples_ranked.png, interpolation.png            Real NVP samples ranked by likelihood"
+	@echo "  gpt/generated.txt                                      samples of the GPT"
+	@echo "  vit/confusion.png, predictions.png, attention.png      ViT evaluation"
+	@echo "  ppo/episode.gif, eval.json                             the trained CartPole policy"
+	@echo "  nf/samples_ranked.png, interpolation.png               Real NVP samples ranked by likelihood"
 	@echo "  ddpm/samples_ddim50_eta1.png, reverse_ddim50_eta1.gif  DDPM samples and the reverse process"
-	@echo "  gnns/compare.md, curves.png                         the three GNN flavours side by side"
+	@echo "  gnns/compare.md, curves.png                            the three GNN flavours side by side"
 	@$(PY) -c "import json,glob; [print(f'  {p}: ' + ', '.join(f'{k}={v:.4g}' for k, v in json.load(open(p)).items() if k in ('val_loss','test_acc','eval_return_mean','test_bpd','final_loss'))) for p in sorted(glob.glob('$(OUT)/*/summary.json')) + sorted(glob.glob('$(OUT)/gnns/*/summary.json'))]"
 
 bench: install

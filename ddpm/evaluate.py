@@ -3,8 +3,10 @@
 FID protocol: features are the 128-d penultimate layer of a small CNN classifier trained here on the dataset's
 training set (no downloaded Inception weights), cached in data/fid_<dataset>.pt; FID compares N generated images,
 quantized to the 8-bit pixels a saved PNG holds, with the first N test images. The protocol is N = 1000 (DDIM-50
-takes about 3 minutes on 2 CPU cores); FID reads higher at smaller N, so compare numbers at the same N only.
-Results go to summary.json's `eval` section, one entry per setting.
+takes about 7 minutes on 2 CPU cores in fp32, DPM++-20 about 3); FID reads higher at smaller N, so compare numbers
+at the same N only. Results go to summary.json's `eval` section, one entry per setting.
+
+    python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50 --eta 1   # the demo's sampler
 
     python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50
     python ddpm/evaluate.py --out-dir out/ddpm --sampler dpm++ --steps 20

@@ -42,7 +42,7 @@ class Config:
     spacing: Literal["uniform", "quadratic"] = "uniform"
     """DDIM timesteps: uniform | quadratic (denser near t = 0); dpm++ always uses its logSNR-uniform grid"""
     gif_frames: int = 40
-    """snapshots of the chain in reverse.gif (0: no GIF)"""
+    """snapshots of the chain in reverse_<sampler>.gif (0: no GIF)"""
     use_ema: bool = True
     data_dir: str | None = None
     seed: int = 0

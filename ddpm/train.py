@@ -109,7 +109,7 @@ def check_unet(cfg):
 DEFAULT = Config()  # the CPU quality run: 1.5M-param U-Net, 4000 steps of batch 128
 PRESETS = {
     "default": DEFAULT,
-    # the demo's budget: LR 2e-3 (probed 2e-4 .. 4e-3) and min-SNR-5 took FID (DDIM-50, eta = 1) from 81 to 61 (README)
+    # the demo's budget: LR 2e-3 and min-SNR-5 took FID (DDIM-50, eta = 1) from 81 / 96 to 61 / 70 on two seeds (README)
     "quick": replace(DEFAULT, preset="quick", num_res_blocks=1, steps=1000, batch_size=32, lr=2e-3, warmup=100,
                      loss_weight="min-snr", ema_decay=0.995, sample_interval=500, ckpt_interval=250, log_interval=50),
     # Ho et al. 2020 Appendix B, CIFAR-10: attention at 16x16, 35.7M params, dropout 0.1, 800k steps, EMA 0.9999
