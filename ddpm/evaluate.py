@@ -7,7 +7,6 @@ takes about 7 minutes on 2 CPU cores in fp32, DPM++-20 about 3); FID reads highe
 at the same N only. Results go to summary.json's `eval` section, one entry per setting.
 
     python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50 --eta 1   # the demo's sampler
-
     python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50
     python ddpm/evaluate.py --out-dir out/ddpm --sampler dpm++ --steps 20
     python ddpm/evaluate.py --out-dir out/ddpm --num-samples 0 --nll-images 500 --nll-t 100   # bits/dim bound only
