@@ -195,7 +195,7 @@ def main(cfg: Config) -> dict:
                  sample_images_per_s=round(n / sample_s, 2))
         entries[result_key("fid", cfg, diffusion, n, ckpt["step"])] = r
         res.update(r)
-        print(f"FID {r['fid']:.2f} ({n} samples, {sampler_tag(cfg.sampler, cfg.steps)}, "
+        print(f"FID {r['fid']:.2f} ({n} samples, {sampler_tag(cfg.sampler, cfg.steps, cfg.eta)}, "
               f"{sample_s:.0f} s)")
     if cfg.nll_images:
         n = min(cfg.nll_images, len(xte))

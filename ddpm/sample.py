@@ -68,9 +68,11 @@ def check_sampler(cfg):
             f"--spacing {cfg.spacing} is a DDIM grid; dpm++ uses its own logSNR-uniform time steps")
 
 
-def sampler_tag(sampler, steps):
-    """ddpm, ddim50, dpmpp20: in file names and eval keys."""
-    return sampler if sampler == "ddpm" else f"{'ddim' if sampler == 'ddim' else 'dpmpp'}{steps}"
+def sampler_tag(sampler, steps, eta=0.0):
+    """ddpm, ddim50, ddim50_eta1, dpmpp20: in file names and eval keys (eta only names a stochastic DDIM)."""
+    if sampler == "ddpm":
+        return sampler
+    return f"ddim{steps}" + (f"_eta{eta:g}" if eta else "") if sampler == "ddim" else f"dpmpp{steps}"
 
 
 def build(ckpt):
@@ -126,7 +128,7 @@ def main(cfg: Config) -> dict:
                                progress=lambda it: R.progress(it, desc=f"{cfg.sampler} sampling", mininterval=1),
                                spacing=cfg.spacing)
     dt = time.perf_counter() - t0
-    tag = sampler_tag(cfg.sampler, n_steps) + (f"_eta{cfg.eta:g}" if cfg.sampler == "ddim" and cfg.eta else "")
+    tag = sampler_tag(cfg.sampler, n_steps, cfg.eta)
     nrow = int(cfg.num_samples ** 0.5)
     P.save_grid((x + 1) / 2, out / f"samples_{tag}.png", nrow=nrow)
     if every:
