@@ -13,7 +13,7 @@ from utils import run as R
 from utils import weights as W
 
 # what the repo ships today: a file lost (or added without its line here) fails the test
-SHIPPED = {"gnns": ["attn", "conv", "mpnn"], "gpt": ["default"], "ppo": ["default"]}
+SHIPPED = {"gnns": ["attn", "conv", "mpnn"], "gpt": ["default"], "ppo": ["default"], "vit": ["default"]}
 TOLERANCE = W.TOLERANCE
 # the sample/eval script of each package on its shipped weights, with small counts: (module, args, expected file)
 RUN = {"gnns": ("gnns.evaluate", ["--test-limit", "50", "--device", "cpu"], "eval.json"),
@@ -161,7 +161,7 @@ def test_gnns_evaluate_names_its_checkpoint_first_with_ckpt(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [(["export"], "export needs --pkg and --out-dir"),
-                                          (["check", "--pkg", "vit"], "no shipped weights for vit"),
+                                          (["check", "--pkg", "nf"], "no shipped weights for nf"),
                                           (["publish"], "unknown action 'publish'; choose export or check")])
 def test_weights_cli_bad_input(args, message, capsys):
     """`python -m utils.weights ARGS` (W.cli is its __main__)."""
