@@ -161,10 +161,11 @@ def test_gnns_evaluate_names_its_checkpoint_first_with_ckpt(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [(["export"], "export needs --pkg and --out-dir"),
-                                          (["check", "--pkg", "nf"], "no shipped weights for nf"),
+                                          (["check", "--pkg", "vit"], "no shipped weights for vit"),
                                           (["publish"], "unknown action 'publish'; choose export or check")])
-def test_weights_cli_bad_input(args, message, capsys):
-    """`python -m utils.weights ARGS` (W.cli is its __main__)."""
+def test_weights_cli_bad_input(args, message, tmp_path, monkeypatch, capsys):
+    """`python -m utils.weights ARGS` (W.cli is its __main__), in a repo that ships nothing."""
+    monkeypatch.setattr(W, "REPO", tmp_path)
     with pytest.raises(SystemExit) as e:
         W.cli(args)
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]

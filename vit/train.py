@@ -25,7 +25,8 @@ from vit.model import ViT, ViTConfig, param_count
 @dataclass
 class Config(R.ImageRunConfig):
     """The defaults are the `default` preset: the paper's hybrid (Section 3.1), the pure ViT's transformer on 7x7
-    patches of a 16-channel CNN feature map, ~27 min on a 2-core CPU with AMX (bf16)."""
+    patches of a 16-channel CNN feature map; ~27 min on a 2-core CPU with AMX (bf16), ~54 min on one with AVX2 only
+    (fp32)."""
     out_dir: str = "out/vit"
     """ckpt.pt (last), best.pt (best validation accuracy), metrics.jsonl, summary.json"""
     preset: str = "default"
