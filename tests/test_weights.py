@@ -103,9 +103,13 @@ def test_export_then_the_script_runs_on_the_export(script, runs, tmp_path, monke
     assert (tmp_path / "out" / expected).stat().st_size > 0
 
 
-def bad_files(tmp_path):
+def first_shipped(pkg):
+    return next(path for p, path in W.shipped() if p == pkg)
+
+
+def bad_files(pkg):
     """A shipped file made corrupt, unreadable, foreign, or without its card: each must exit with one line."""
-    pkg, src = W.shipped()[-1]
+    src = first_shipped(pkg)
     yield "truncated", pkg, src.read_bytes()[:100], src.with_suffix(".json").read_text()
     data = bytearray(src.read_bytes())
     data[-1] ^= 0xFF  # still a valid safetensors file, but not the one the card describes
@@ -113,8 +117,7 @@ def bad_files(tmp_path):
     yield "no card", pkg, src.read_bytes(), None
     yield "random bytes", pkg, torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes(), \
         src.with_suffix(".json").read_text()
-    other, osrc = W.shipped()[0]
-    assert other != pkg
+    _, osrc = next((p, path) for p, path in W.shipped() if p != pkg)
     yield "another package's file", pkg, osrc.read_bytes(), osrc.with_suffix(".json").read_text()
     card = json.loads(src.with_suffix(".json").read_text())
     yield "card is a list", pkg, src.read_bytes(), "[1, 2]"
@@ -124,8 +127,9 @@ def bad_files(tmp_path):
     yield "card without env", pkg, src.read_bytes(), json.dumps({**card, "checkpoint": {}})
 
 
-def test_a_bad_shipped_file_exits_with_one_line(tmp_path, capsys):
-    for i, (what, pkg, data, card) in enumerate(bad_files(tmp_path)):
+@pytest.mark.parametrize("pkg", sorted(SHIPPED))
+def test_a_bad_shipped_file_exits_with_one_line(pkg, tmp_path, capsys):
+    for i, (what, _, data, card) in enumerate(bad_files(pkg)):
         path = tmp_path / str(i) / "weights.safetensors"
         path.parent.mkdir()
         path.write_bytes(data)
@@ -139,9 +143,10 @@ def test_a_bad_shipped_file_exits_with_one_line(tmp_path, capsys):
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (what, err)
 
 
-def test_a_bad_file_in_place_of_the_shipped_one_exits_with_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("pkg", sorted(SHIPPED))
+def test_a_bad_file_in_place_of_the_shipped_one_exits_with_one_line(pkg, tmp_path, monkeypatch, capsys):
     """The fallback path (no --ckpt): a corrupted file where the shipped one should be."""
-    pkg, src = W.shipped()[-1]
+    src = first_shipped(pkg)
     monkeypatch.setattr(W, "REPO", tmp_path)
     dest = W.shipped_path(pkg, src.stem)
     dest.parent.mkdir(parents=True)
