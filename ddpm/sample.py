@@ -72,7 +72,9 @@ def sampler_tag(sampler, steps, eta=0.0):
     """ddpm, ddim50, ddim50_eta1, dpmpp20: in file names and eval keys (eta only names a stochastic DDIM)."""
     if sampler == "ddpm":
         return sampler
-    return f"ddim{steps}" + (f"_eta{eta:g}" if eta else "") if sampler == "ddim" else f"dpmpp{steps}"
+    if sampler == "dpm++":
+        return f"dpmpp{steps}"
+    return f"ddim{steps}_eta{eta:g}" if eta else f"ddim{steps}"
 
 
 def build(ckpt):

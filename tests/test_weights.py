@@ -110,26 +110,26 @@ def first_shipped(pkg):
 def bad_files(pkg):
     """A shipped file made corrupt, unreadable, foreign, or without its card: each must exit with one line."""
     src = first_shipped(pkg)
-    yield "truncated", pkg, src.read_bytes()[:100], src.with_suffix(".json").read_text()
+    yield "truncated", src.read_bytes()[:100], src.with_suffix(".json").read_text()
     data = bytearray(src.read_bytes())
     data[-1] ^= 0xFF  # still a valid safetensors file, but not the one the card describes
-    yield "one byte changed", pkg, bytes(data), src.with_suffix(".json").read_text()
-    yield "no card", pkg, src.read_bytes(), None
-    yield "random bytes", pkg, torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes(), \
+    yield "one byte changed", bytes(data), src.with_suffix(".json").read_text()
+    yield "no card", src.read_bytes(), None
+    yield "random bytes", torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes(), \
         src.with_suffix(".json").read_text()
-    _, osrc = next((p, path) for p, path in W.shipped() if p != pkg)
-    yield "another package's file", pkg, osrc.read_bytes(), osrc.with_suffix(".json").read_text()
+    osrc = next(path for p, path in W.shipped() if p != pkg)
+    yield "another package's file", osrc.read_bytes(), osrc.with_suffix(".json").read_text()
     card = json.loads(src.with_suffix(".json").read_text())
-    yield "card is a list", pkg, src.read_bytes(), "[1, 2]"
+    yield "card is a list", src.read_bytes(), "[1, 2]"
     for field, value in [("checkpoint", [1]), ("weights", ["model"]), ("exact", 5), ("exact", [5]),
                          ("model_config", None), ("sha256", None)]:
-        yield f"card {field} {value}", pkg, src.read_bytes(), json.dumps({**card, field: value})
-    yield "card without env", pkg, src.read_bytes(), json.dumps({**card, "checkpoint": {}})
+        yield f"card {field} {value}", src.read_bytes(), json.dumps({**card, field: value})
+    yield "card without env", src.read_bytes(), json.dumps({**card, "checkpoint": {}})
 
 
 @pytest.mark.parametrize("pkg", sorted(SHIPPED))
 def test_a_bad_shipped_file_exits_with_one_line(pkg, tmp_path, capsys):
-    for i, (what, _, data, card) in enumerate(bad_files(pkg)):
+    for i, (what, data, card) in enumerate(bad_files(pkg)):
         path = tmp_path / str(i) / "weights.safetensors"
         path.parent.mkdir()
         path.write_bytes(data)
