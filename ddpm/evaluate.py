@@ -81,6 +81,41 @@ def to_8bit(x):
     return ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
+def generate(diffusion, cfg, n, shape, device, bf16, partial, source):
+    """n samples as 8-bit images, in batches of cfg.batch_size, and the seconds spent sampling them.
+
+    Paired noise: x_T of image k is the k-th draw of a generator seeded by cfg.seed alone, so every sampler, step
+    count and batch size starts image k from the same noise; the chain's own noise (ancestral, DDIM eta > 0) is
+    seeded per batch. Each finished batch is saved to `partial`, and a rerun of the same setting continues after
+    the last saved batch (an interrupted two-hour ancestral evaluation loses one batch, not all of it) when it was
+    written from the same `source` (checkpoint, device, bf16) with the same batch size; the file is removed once
+    all n are done."""
+    x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg.seed * 100_000))
+    state = dict(samples=[], sample_s=0.0, n=n, batch_size=cfg.batch_size, source=source)
+    if partial.exists():
+        try:
+            saved = torch.load(partial, weights_only=True)
+        except Exception:
+            saved = {}
+        if all(saved.get(k) == state[k] for k in ("n", "batch_size", "source")):
+            state = saved
+            print(f"continuing from {partial}: {sum(map(len, state['samples']))} of {n} samples already done")
+        else:  # unreadable, or another batch size (other chain noise), checkpoint, device or precision
+            print(f"{partial} does not match this run (or is unreadable): sampling from the start")
+    starts = list(range(0, n, cfg.batch_size))
+    for b in R.progress(range(len(state["samples"]), len(starts)), desc=f"sampling ({cfg.sampler})"):
+        i, t0 = starts[b], time.perf_counter()
+        torch.manual_seed(cfg.seed * 100_000 + 1 + b)  # n <= 100,000: no two (seed, batch) pairs share a seed
+        with torch.no_grad(), R.autocast(device, bf16):
+            x0 = x_T[i:i + cfg.batch_size]
+            x, _ = diffusion.sample(x0.shape, device, cfg.sampler, cfg.steps, cfg.eta, spacing=cfg.spacing, x_T=x0)
+        state["samples"].append(to_8bit(x.cpu()))  # what a user saves, and what the test images are
+        state["sample_s"] += time.perf_counter() - t0
+        R.save_checkpoint(state, partial)
+    partial.unlink(missing_ok=True)
+    return torch.cat(state["samples"]), state["sample_s"]
+
+
 @torch.no_grad()
 def features(net, x, device, batch_size=1000):
     """x in [-1, 1] float or uint8 -> (N, 128) features."""
@@ -168,7 +203,8 @@ def main(cfg: Config) -> dict:
     R.validate(cfg)
     device = R.pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    diffusion, ckpt = load_diffusion(W.pick(cfg.ckpt, out, "ddpm"), device)
+    path = W.pick(cfg.ckpt, out, "ddpm")
+    diffusion, ckpt = load_diffusion(path, device)
     check_steps(cfg.steps, diffusion, cfg.sampler)
     diffusion.sigma = cfg.sigma or diffusion.sigma
     c, size, _ = D.dataset_info(ckpt["dataset"])
@@ -178,22 +214,16 @@ def main(cfg: Config) -> dict:
     if cfg.num_samples:
         n = min(cfg.num_samples, len(xte))
         net = feature_net(ckpt["dataset"], device, cfg.data_dir, cfg.fid_epochs, cfg.fid_cache_dir)  # trains with grad
-        torch.manual_seed(cfg.seed)
-        t0, samples = time.perf_counter(), []
-        with torch.no_grad():
-            for i in R.progress(range(0, n, cfg.batch_size), desc=f"sampling ({cfg.sampler})"):
-                with R.autocast(device, bf16):
-                    x, _ = diffusion.sample((min(cfg.batch_size, n - i), c, size, size), device, cfg.sampler,
-                                            cfg.steps, cfg.eta, spacing=cfg.spacing)
-                samples.append(to_8bit(x.cpu()))  # what a user saves, and what the test images are
-        sample_s = time.perf_counter() - t0
-        r = dict(fid=fid(features(net, torch.cat(samples), device), features(net, xte[:n], device)), fid_n=n,
+        key = result_key("fid", cfg, diffusion, n, ckpt["step"])
+        samples, sample_s = generate(diffusion, cfg, n, (c, size, size), device, bf16, out / f"{key}.partial.pt",
+                                      f"{Path(path).resolve()} on {device.type}, bf16 {bf16}")
+        r = dict(fid=fid(features(net, samples, device), features(net, xte[:n], device)), fid_n=n,
                  sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
                  parameterization=diffusion.parameterization,
                  spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma, seed=cfg.seed, step=ckpt["step"],
                  sample_s=round(sample_s, 1), sample_bf16=bf16 or device.type == "cuda",
                  sample_images_per_s=round(n / sample_s, 2))
-        entries[result_key("fid", cfg, diffusion, n, ckpt["step"])] = r
+        entries[key] = r
         res.update(r)
         print(f"FID {r['fid']:.2f} ({n} samples, {sampler_tag(cfg.sampler, cfg.steps, cfg.eta)}, "
               f"{sample_s:.0f} s)")

@@ -438,6 +438,65 @@ def test_evaluate_fresh_machine_trains_the_fid_classifier_and_scores(tiny_run, t
     assert (tmp_path / "cache" / "fid_synthetic.pt").exists() and math.isfinite(res["fid"]) and res["fid_n"] == 8
 
 
+def _fake_net(monkeypatch):
+    torch.manual_seed(0)
+    net = evaluate.FeatureNet(1).eval()
+    monkeypatch.setattr(evaluate, "feature_net", lambda *a, **k: net)
+
+
+def test_evaluate_starts_every_sampler_and_batch_size_from_the_same_noises(tiny_run, tmp_path, monkeypatch):
+    """Issue 24's protocol, "every sampler starts from the same noises": one seed drew x_T batch by batch from the
+    global stream, so after a sampler that draws chain noise (ancestral, eta > 0) the second batch started from
+    other noises than DDIM eta = 0's. The stand-in sampler draws x_T as Diffusion.sample does, then chain noise."""
+    out = _copy_run(tiny_run, tmp_path / "run")
+    _fake_net(monkeypatch)
+    starts = []
+
+    def fake_sample(self, shape, device, sampler="ddpm", steps=None, eta=0.0, *a, x_T=None, **k):
+        x = torch.randn(shape) if x_T is None else x_T
+        starts[-1].append(x.clone())
+        for _ in range(3 if sampler == "ddpm" or eta > 0 else 0):
+            torch.randn(shape)  # the chain's own noise
+        return x.clamp(-1, 1), []
+
+    monkeypatch.setattr(Diffusion, "sample", fake_sample)
+    for kw in [dict(sampler="ddpm"), dict(sampler="ddim"), dict(sampler="ddim", eta=1.0), dict(batch_size=3)]:
+        starts.append([])
+        evaluate.main(evaluate.Config(out_dir=str(out), num_samples=8, **{"batch_size": 4, **kw}, device="cpu"))
+    first = torch.cat(starts[0])
+    assert len(starts[0]) == 2 and all(torch.equal(torch.cat(s), first) for s in starts[1:])
+
+
+def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_run, tmp_path, monkeypatch):
+    """A Ctrl-C in batch 2 of 3 keeps batch 1 in <key>.partial.pt; the rerun samples batches 2 and 3 only and scores
+    what an uninterrupted run scores (the chain noise is seeded per batch). Another batch size starts over."""
+    _fake_net(monkeypatch)
+    kw = dict(num_samples=6, batch_size=2, sampler="ddim", steps=5, eta=1.0, device="cpu")
+    ref = evaluate.main(evaluate.Config(out_dir=str(_copy_run(tiny_run, tmp_path / "ref")), **kw))
+    out, calls, real = _copy_run(tiny_run, tmp_path / "run"), [], Diffusion.sample
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Diffusion, "sample", counted)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(evaluate.Config(out_dir=str(out), **kw))
+    assert len(list(out.glob("*.partial.pt"))) == 1
+    interrupt, calls[:] = False, []
+    res = evaluate.main(evaluate.Config(out_dir=str(out), **kw))
+    assert len(calls) == 2 and res["fid"] == ref["fid"] and not list(out.glob("*.partial.pt"))
+    interrupt, calls[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(evaluate.Config(out_dir=str(out), **kw))
+    calls[:], interrupt = [], False
+    res = evaluate.main(evaluate.Config(out_dir=str(out), **{**kw, "batch_size": 3}))
+    assert len(calls) == 2 and not list(out.glob("*.partial.pt"))
+
+
 def test_to_8bit_is_what_a_saved_png_holds():
     from utils import plot as P
     x = torch.rand(3, 1, 5, 5) * 2.2 - 1.1
