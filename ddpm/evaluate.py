@@ -4,7 +4,8 @@ FID protocol: features are the 128-d penultimate layer of a small CNN classifier
 training set (no downloaded Inception weights), cached in data/fid_<dataset>.pt; FID compares N generated images,
 quantized to the 8-bit pixels a saved PNG holds, with the first N test images. The protocol is N = 1000 (DDIM-50
 takes about 7 minutes on 2 CPU cores in fp32, DPM++-20 about 3); FID reads higher at smaller N, so compare numbers
-at the same N only. Results go to summary.json's `eval` section, one entry per setting.
+at the same N only. Results go to summary.json's `eval` section, one entry per setting. An interrupted sampling
+continues from its last finished batch when the same command is run again (`generate`).
 
     python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50 --eta 1   # the demo's sampler
     python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50
@@ -86,18 +87,18 @@ def generate(diffusion, cfg, n, shape, device, bf16, partial, source):
 
     Paired noise: x_T of image k is the k-th draw of a generator seeded by cfg.seed alone, so every sampler, step
     count and batch size starts image k from the same noise; the chain's own noise (ancestral, DDIM eta > 0) is
-    seeded per batch. Each finished batch is saved to `partial`, and a rerun of the same setting continues after
-    the last saved batch (an interrupted two-hour ancestral evaluation loses one batch, not all of it) when it was
-    written from the same `source` (checkpoint, device, bf16) with the same batch size; the file is removed once
-    all n are done."""
+    seeded per batch. Each finished batch is saved to `partial`; a rerun of the same setting continues after the
+    last saved batch if the file was written from the same `source` (checkpoint file, device, bf16) with the same
+    batch size. The caller removes it once the result is stored."""
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg.seed * 100_000))
     state = dict(samples=[], sample_s=0.0, n=n, batch_size=cfg.batch_size, source=source)
     if partial.exists():
         try:
             saved = torch.load(partial, weights_only=True)
         except Exception:
-            saved = {}
-        if all(saved.get(k) == state[k] for k in ("n", "batch_size", "source")):
+            saved = None
+        if isinstance(saved, dict) and isinstance(saved.get("samples"), list) and \
+                all(saved.get(k) == state[k] for k in ("n", "batch_size", "source")):
             state = saved
             print(f"continuing from {partial}: {sum(map(len, state['samples']))} of {n} samples already done")
         else:  # unreadable, or another batch size (other chain noise), checkpoint, device or precision
@@ -105,14 +106,13 @@ def generate(diffusion, cfg, n, shape, device, bf16, partial, source):
     starts = list(range(0, n, cfg.batch_size))
     for b in R.progress(range(len(state["samples"]), len(starts)), desc=f"sampling ({cfg.sampler})"):
         i, t0 = starts[b], time.perf_counter()
-        torch.manual_seed(cfg.seed * 100_000 + 1 + b)  # n <= 100,000: no two (seed, batch) pairs share a seed
+        torch.manual_seed(cfg.seed * 100_000 + 1 + b)  # fewer than 100,000 batches: no two (seed, b) share a seed
         with torch.no_grad(), R.autocast(device, bf16):
             x0 = x_T[i:i + cfg.batch_size]
             x, _ = diffusion.sample(x0.shape, device, cfg.sampler, cfg.steps, cfg.eta, spacing=cfg.spacing, x_T=x0)
         state["samples"].append(to_8bit(x.cpu()))  # what a user saves, and what the test images are
         state["sample_s"] += time.perf_counter() - t0
         R.save_checkpoint(state, partial)
-    partial.unlink(missing_ok=True)
     return torch.cat(state["samples"]), state["sample_s"]
 
 
@@ -167,7 +167,7 @@ class Config:
     """sample with bf16 autocast on the CPU (the network only; the chain stays fp32); None: on with AMX or
     AVX512-BF16"""
     seed: int = 0
-    """seeds the starting noise of the samples (and the bound's draws)"""
+    """seeds the starting noise of the samples, the chain's noise (ancestral, eta > 0) and the bound's draws"""
     device: str = "auto"
 
     def check(self):
@@ -215,8 +215,10 @@ def main(cfg: Config) -> dict:
         n = min(cfg.num_samples, len(xte))
         net = feature_net(ckpt["dataset"], device, cfg.data_dir, cfg.fid_epochs, cfg.fid_cache_dir)  # trains with grad
         key = result_key("fid", cfg, diffusion, n, ckpt["step"])
-        samples, sample_s = generate(diffusion, cfg, n, (c, size, size), device, bf16, out / f"{key}.partial.pt",
-                                      f"{Path(path).resolve()} on {device.type}, bf16 {bf16}")
+        partial, st = out / f"{key}.partial.pt", Path(path).stat()
+        samples, sample_s = generate(diffusion, cfg, n, (c, size, size), device, bf16, partial,
+                                      f"{Path(path).resolve()} ({st.st_size} bytes, mtime {st.st_mtime_ns}) on "
+                                      f"{device.type}, bf16 {bf16}")
         r = dict(fid=fid(features(net, samples, device), features(net, xte[:n], device)), fid_n=n,
                  sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
                  parameterization=diffusion.parameterization,
@@ -249,6 +251,8 @@ def main(cfg: Config) -> dict:
     eval_ = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
     summary["eval"] = {**eval_, **entries}
     R.write_json(summary_path, summary)
+    if cfg.num_samples:
+        partial.unlink(missing_ok=True)  # only now: an interrupted FID or summary keeps the samples
     res["keys"] = list(entries)
     return res
 

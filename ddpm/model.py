@@ -168,9 +168,9 @@ class Diffusion(nn.Module):
     @torch.no_grad()
     def sample(self, shape, device, sampler="ddpm", steps=None, eta=0.0, trajectory_every=0, progress=None,
                spacing="uniform", order=2, x_T=None):
-        """x_T ~ N(0, I) (or the given x_T), then the reverse chain: ddpm (Algorithm 2, T steps), ddim (S steps on `spacing`) or dpm++
-        (DPM-Solver++(2M), S steps on the logSNR grid; `order` 1 is DDIM eta = 0 on that grid). S model calls for
-        S steps. Returns (x_0 in [-1, 1], [x_t snapshots] if trajectory_every)."""
+        """x_T ~ N(0, I) of `shape` (or the given x_T), then the reverse chain: ddpm (Algorithm 2, T steps), ddim
+        (S steps on `spacing`) or dpm++ (DPM-Solver++(2M), S steps on the logSNR grid; `order` 1 is DDIM eta = 0 on
+        that grid). S model calls for S steps. Returns (x_0 in [-1, 1], [x_t snapshots] if trajectory_every)."""
         x = torch.randn(shape, device=device) if x_T is None else x_T.to(device)
         traj = [x] if trajectory_every else []
         if sampler == "ddpm":

@@ -467,6 +467,22 @@ def test_evaluate_starts_every_sampler_and_batch_size_from_the_same_noises(tiny_
     assert len(starts[0]) == 2 and all(torch.equal(torch.cat(s), first) for s in starts[1:])
 
 
+def test_sample_starts_from_the_given_x_T_whatever_the_global_seed():
+    """evaluate.generate pairs samplers through Diffusion.sample's x_T: a deterministic chain from a given x_T does
+    not depend on the global RNG, its first snapshot is x_T, and it equals the chain that drew the same x_T itself."""
+    torch.manual_seed(0)
+    d = Diffusion(UNet(UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1)), T=50).eval()
+    torch.manual_seed(3)
+    drawn, _ = d.sample((2, 1, 8, 8), "cpu", "ddim", steps=5)
+    torch.manual_seed(3)
+    x_T = torch.randn(2, 1, 8, 8)
+    torch.manual_seed(4)
+    given, traj = d.sample(x_T.shape, "cpu", "ddim", steps=5, trajectory_every=1, x_T=x_T)
+    assert torch.equal(given, drawn) and torch.equal(traj[0], x_T)
+    torch.manual_seed(4)
+    assert not torch.equal(d.sample(x_T.shape, "cpu", "ddim", steps=5)[0], drawn)
+
+
 def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_run, tmp_path, monkeypatch):
     """A Ctrl-C in batch 2 of 3 keeps batch 1 in <key>.partial.pt; the rerun samples batches 2 and 3 only and scores
     what an uninterrupted run scores (the chain noise is seeded per batch). Another batch size starts over."""
