@@ -532,12 +532,16 @@ def test_resume_of_a_finished_run_keeps_final_loss_and_eval(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("change", [dict(schedule="cosine"), dict(T=60), dict(ch=16), dict(sigma="beta_tilde")])
-def test_resume_with_other_architecture_or_schedule_exits_2(tiny_run, tmp_path, change):
-    """Item 18: a resume with other schedule flags silently kept the old betas (or gave a load_state_dict traceback)."""
+def test_resume_with_other_architecture_or_schedule_exits_2(tiny_run, tmp_path, change, capsys):
+    """Item 18: a resume with other schedule flags silently kept the old betas (or gave a load_state_dict traceback);
+    now one `error:` line names the differing flag."""
     out = _copy_run(tiny_run, tmp_path / "run")
     with pytest.raises(SystemExit) as e:
         train.main(train.Config(out_dir=str(out), steps=25, resume=True, **{**TINY, **change}))
-    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    (field,) = change
+    assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert f"--{field.replace('_', '-')} " in err, err
 
 
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):

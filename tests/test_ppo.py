@@ -217,6 +217,20 @@ def test_sigterm_saves_the_last_update_and_resume_restores_everything(tmp_path, 
     assert e.value.code == 2 and "--normalize-obs" in capsys.readouterr().err
 
 
+def test_ckpt_is_written_every_save_interval_updates(tmp_path, monkeypatch):
+    """Item 3: a run killed by anything but a signal (OOM, power) keeps its last periodic ckpt.pt: with
+    --save-interval 2, ckpt.pt is written after updates 2 and 4 of 5, then once more at the end (update 5)."""
+    written, save = [], R.save_checkpoint
+
+    def spy(state, path):
+        if path.name == "ckpt.pt":
+            written.append(state["update"])
+        return save(state, path)
+    monkeypatch.setattr(train.R, "save_checkpoint", spy)
+    train.main(tiny(tmp_path, total_timesteps=640, save_interval=2))  # 5 updates of 4 x 32 steps
+    assert written == [2, 4, 5]
+
+
 def test_non_cpu_devices_and_torchrun_are_refused_with_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(R, "check_device", lambda name: None)  # as if this machine had a GPU
     for dev in ("cuda", "mps"):
