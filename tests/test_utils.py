@@ -183,6 +183,32 @@ def test_checkpoint_rename_is_fsynced_in_its_folder(tmp_path, monkeypatch):
     assert synced == [False, True]  # the file's data, then the folder holding the new name
 
 
+def test_sigterm_during_a_save_lets_the_save_finish_then_interrupts(tmp_path, monkeypatch):
+    """A SIGTERM that lands inside torch.save (a periodic checkpoint) raised KeyboardInterrupt mid-write: the zip
+    writer's cleanup then failed ("unexpected pos") and the run died with a traceback, nothing saved. The signal
+    must wait for the save to finish, then take the Ctrl-C path."""
+    import signal
+    old = signal.getsignal(signal.SIGTERM)
+    run.sigterm_as_interrupt()
+    real = torch.save
+
+    def save_then_signal(obj, f):
+        f.write(b"")  # the write has begun
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the Python-level handler runs at the next bytecode boundaries
+            pass
+        real(obj, f)
+    monkeypatch.setattr(run.torch, "save", save_then_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.save_checkpoint({"kind": "x", "step": 7}, tmp_path / "ckpt.pt")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    monkeypatch.setattr(run.torch, "save", real)
+    assert run.load_checkpoint(tmp_path / "ckpt.pt", "x")["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
     import numpy as np

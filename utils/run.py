@@ -224,10 +224,28 @@ def autocast(device, cpu_bf16=False):
 
 def save_checkpoint(obj, path):
     """Atomic: write a temp file beside the target, fsync, then rename over it. A crash mid-save leaves the
-    previous checkpoint intact."""
+    previous checkpoint intact. Ctrl-C and SIGTERM wait until the save is done (held meanwhile, raised again after
+    it), so a stop that lands mid-write still ends in the Ctrl-C path with a whole checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    held, old = [], {}
+    try:  # hold the stops while writing (a Python handler: the OS may deliver them to any thread)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not None:  # None: a handler Python did not install; leave it
+                old[s] = signal.signal(s, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread, where Python runs every handler: nothing to hold
+        pass
+    try:
+        _write_atomically(obj, path, tmp)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if held:  # now the stop takes its own path (Ctrl-C and sigterm_as_interrupt: KeyboardInterrupt)
+            signal.raise_signal(held[0])
+
+
+def _write_atomically(obj, path, tmp):
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
