@@ -47,7 +47,7 @@ demo: install data
 	@echo "  nf/samples_ranked.png, interpolation.png               Real NVP samples ranked by likelihood"
 	@echo "  ddpm/samples_ddim50_eta1.png, reverse_ddim50_eta1.gif  DDPM samples and the reverse process"
 	@echo "  gnns/compare.md, curves.png                            the three GNN flavours side by side"
-	@$(PY) -c "import json,glob; [print(f'  {p}: ' + ', '.join(f'{k}={v:.4g}' for k, v in json.load(open(p)).items() if k in ('val_loss','test_acc','eval_return_mean','test_bpd','final_loss'))) for p in sorted(glob.glob('$(OUT)/*/summary.json')) + sorted(glob.glob('$(OUT)/gnns/*/summary.json'))]"
+	@$(PY) -c "import json,glob; K=('val_loss','test_acc','eval_return_mean','test_bpd','final_loss'); [print(f'  {p}: {s}') for p in sorted(glob.glob('$(OUT)/*/summary.json')) + sorted(glob.glob('$(OUT)/gnns/*/summary.json')) for s in [', '.join(f'{k}={v:.4g}' for k, v in json.load(open(p)).items() if k in K)] if s]"
 
 bench: install
 	$(PIP) install -r requirements-bench.txt
