@@ -225,22 +225,23 @@ def main(cfg: Config) -> dict:
             if flip:
                 x0 = D.random_flip(x0)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-            loss, gnorm = train_step(model, diffusion, opt, ema, x0, lr, step, device, cfg.cpu_bf16, cfg.grad_clip)
-            step, rng_at_step = step + 1, None
-            totals["train_s"] += time.perf_counter() - t0
-            totals["seen"] += len(idx) * world
-            totals["timed_steps"] += 1
-            losses = (losses + [loss])[-100:]
-            bar.update()
-            if step % cfg.log_interval == 0 and master:
-                recent = losses[-cfg.log_interval:]
-                row = {"step": step, "loss": sum(recent) / len(recent), "grad_norm": gnorm, "lr": lr,
-                       "images_per_s": totals["seen"] / totals["train_s"]}
-                log.log(row, step=step)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if bar.disable:  # no bar in a log file: one line per interval instead
-                    print(f"step {step} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['images_per_s']:.0f} img/s",
-                          flush=True)
+            with R.stops_held():  # an update is never saved without the step that counts it (its EMA, its log row)
+                loss, gnorm = train_step(model, diffusion, opt, ema, x0, lr, step, device, cfg.cpu_bf16, cfg.grad_clip)
+                step, rng_at_step = step + 1, None
+                totals["train_s"] += time.perf_counter() - t0
+                totals["seen"] += len(idx) * world
+                totals["timed_steps"] += 1
+                losses = (losses + [loss])[-100:]
+                bar.update()
+                if step % cfg.log_interval == 0 and master:
+                    recent = losses[-cfg.log_interval:]
+                    row = {"step": step, "loss": sum(recent) / len(recent), "grad_norm": gnorm, "lr": lr,
+                           "images_per_s": totals["seen"] / totals["train_s"]}
+                    log.log(row, step=step)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if bar.disable:  # no bar in a log file: one line per interval instead
+                        print(f"step {step} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['images_per_s']:.0f} img/s",
+                              flush=True)
             if master and cfg.sample_interval and step % cfg.sample_interval == 0 and step < cfg.steps:
                 save_samples(ema.model, out / f"samples_step{step}.png", cfg.grid_samples, (c, size, size), device,
                              cfg.seed)

@@ -195,8 +195,10 @@ def main(cfg: Config) -> dict:
                 loss = F.cross_entropy(model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs), b.y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
-                st.update(batch=i + 1, loss_sum=st["loss_sum"] + loss.item() * b.num_graphs, n=st["n"] + b.num_graphs)
+                with R.stops_held():  # an update is never saved without the batch count that records it
+                    opt.step()
+                    st.update(batch=i + 1, loss_sum=st["loss_sum"] + loss.item() * b.num_graphs,
+                              n=st["n"] + b.num_graphs)
             dt = time.perf_counter() - t0
             if cfg.bn_stats_graphs:
                 recompute_bn_stats(model, bn_graphs, cfg.batch_size, device)

@@ -256,18 +256,19 @@ def main(cfg: Config) -> dict:
                     (loss / accum).backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            it += 1
-            rng = snapshot()
-            dt = time.perf_counter() - t0
-            t_train, iters_timed = t_train + dt, iters_timed + 1
-            if it % cfg.log_interval == 0 and master:
-                tps = tokens_per_iter / dt
-                mfu = raw.flops_per_token() * tps / (peak * world)
-                log.log({"iter": it, "loss": loss.item(), "lr": lr, "ms_per_iter": 1000 * dt, "tokens_per_s": tps,
-                         "mfu": mfu}, step=it, echo=f"iter {it} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                         f"{1000 * dt:.0f} ms/iter | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+            with R.stops_held():  # an update is never saved without the iteration that counts it (and logs it)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                it += 1
+                rng = snapshot()
+                dt = time.perf_counter() - t0
+                t_train, iters_timed = t_train + dt, iters_timed + 1
+                if it % cfg.log_interval == 0 and master:
+                    tps = tokens_per_iter / dt
+                    mfu = raw.flops_per_token() * tps / (peak * world)
+                    log.log({"iter": it, "loss": loss.item(), "lr": lr, "ms_per_iter": 1000 * dt, "tokens_per_s": tps,
+                             "mfu": mfu}, step=it, echo=f"iter {it} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                             f"{1000 * dt:.0f} ms/iter | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
     except KeyboardInterrupt:
         if master:
             print(f"interrupted at iter {it}: saving {out / 'ckpt.pt'} (continue with --resume)")

@@ -170,15 +170,16 @@ def main(cfg: Config) -> dict:
             opt.zero_grad(set_to_none=True)
             bpd.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step, rng_at_step = step + 1, None
-            t_train += time.perf_counter() - t0
-            seen += len(idx)
-            bar.update()
-            if step % cfg.log_interval == 0:
-                log.log({"step": step, "train_bpd": bpd.item(), "lr": lr, "grad_norm": gnorm.item(),
-                         "images_per_s": seen / t_train}, step=step)
-                bar.set_postfix(bpd=f"{bpd.item():.3f}")
+            with R.stops_held():  # an update is never saved without the step that counts it (and logs it)
+                opt.step()
+                step, rng_at_step = step + 1, None
+                t_train += time.perf_counter() - t0
+                seen += len(idx)
+                bar.update()
+                if step % cfg.log_interval == 0:
+                    log.log({"step": step, "train_bpd": bpd.item(), "lr": lr, "grad_norm": gnorm.item(),
+                             "images_per_s": seen / t_train}, step=step)
+                    bar.set_postfix(bpd=f"{bpd.item():.3f}")
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 msg = f"step {step} | train bpd {bpd.item():.3f}"
                 if len(xval):  # monitoring only: nothing is selected on it (the last step is the model)

@@ -23,6 +23,29 @@ def stop_at(monkeypatch):
     return arm
 
 
+@pytest.fixture
+def sigterm_after_update():
+    """sigterm_after_update(k) sends the process a SIGTERM at the end of the optimizer update that makes step k + 1
+    (the (k + 1)-th `Optimizer.step` call of the test), where a stop must not leave the update half-recorded; it
+    returns a function that disarms it, for the --resume that follows (the fixture disarms it at the end too)."""
+    import signal
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handles = []
+
+    def arm(k):
+        calls = []
+
+        def hook(opt, args, kwargs):
+            calls.append(1)
+            if len(calls) == k + 1:
+                signal.raise_signal(signal.SIGTERM)
+        handles.append(register_optimizer_step_post_hook(hook))
+        return handles[-1].remove
+    yield arm
+    for h in handles:
+        h.remove()
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """The folder of a finished tiny training run per package (test_bad_input.TINY), trained on first use and

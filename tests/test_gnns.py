@@ -301,9 +301,12 @@ def test_resume_continues_exactly_and_a_finished_run_keeps_its_numbers(tmp_path,
     assert R.read_json(tmp_path / "split" / "summary.json")["test_acc"] == full["test_acc"]
 
 
-def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, fast_graphs, monkeypatch):
-    """Ctrl-C (and SIGTERM, which takes the same path) in the middle of an epoch saves a checkpoint from which
-    --resume ends with the same weights as an uninterrupted run."""
+@pytest.mark.parametrize("where", ["loss", "update"])
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(where, tmp_path, fast_graphs, monkeypatch,
+                                                       sigterm_after_update):
+    """Ctrl-C (and SIGTERM, which takes the same path) in the middle of an epoch, in a batch's loss or at the end of
+    its optimizer update, saves a checkpoint from which --resume ends with the same weights as an uninterrupted
+    run."""
     full = train.main(tiny(tmp_path / "full"))
     steps, ce = [0], F.cross_entropy
 
@@ -313,8 +316,11 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, fast_graphs, mo
             if steps[0] == 6:  # the 2nd of 4 batches of epoch 2
                 raise KeyboardInterrupt
         return ce(*args, **kw)
-    monkeypatch.setattr(train.F, "cross_entropy", interrupting_ce)
+    if where == "loss":
+        monkeypatch.setattr(train.F, "cross_entropy", interrupting_ce)
+    disarm = sigterm_after_update(5) if where == "update" else (lambda: None)
     cut = train.main(tiny(tmp_path / "cut"))
+    disarm()
     assert cut.get("interrupted") and "test_acc" not in cut
     monkeypatch.setattr(train.F, "cross_entropy", ce)
     resumed = train.main(tiny(tmp_path / "cut", resume=True))

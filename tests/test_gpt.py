@@ -243,22 +243,26 @@ def _final_state(out):
     return ckpt["step"], ckpt["model"], ckpt["optimizer"]["state"]
 
 
-@pytest.mark.parametrize("stop", ["interrupt", "crash"])
-def test_stopped_and_resumed_run_equals_uninterrupted(stop, tmp_path, text_file, stop_at):
-    """8 iterations straight == stopped at iteration 6 and resumed: Ctrl-C/SIGTERM saves ckpt.pt at 6; a crash
-    leaves the ckpt.pt of the evaluation at 4. Dropout and grad accumulation on, so every RNG must be restored."""
+@pytest.mark.parametrize("stop", ["interrupt", "update", "crash"])
+def test_stopped_and_resumed_run_equals_uninterrupted(stop, tmp_path, text_file, stop_at, sigterm_after_update):
+    """8 iterations straight == stopped at iteration 6 and resumed: Ctrl-C/SIGTERM saves ckpt.pt at 6 (also a
+    SIGTERM at the end of iteration 6's optimizer update); a crash leaves the ckpt.pt of the evaluation at 4.
+    Dropout and grad accumulation on, so every RNG must be restored."""
     from utils import run as R
     kw = dict(TINY, text=str(text_file), device="cpu", max_iters=8, eval_interval=4, log_interval=1, dropout=0.1,
               grad_accum=2, warmup_iters=2)
     train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "full"), **kw))
-    resume = stop_at(train, 6, KeyboardInterrupt if stop == "interrupt" else RuntimeError("simulated crash"))
+    if stop == "update":
+        resume = sigterm_after_update(5)
+    else:
+        resume = stop_at(train, 6, KeyboardInterrupt if stop == "interrupt" else RuntimeError("simulated crash"))
     part = R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), **kw)
-    if stop == "interrupt":
+    if stop != "crash":
         assert train.main(part)["iters"] == 6
     else:
         with pytest.raises(RuntimeError):
             train.main(part)
-    assert _final_state(tmp_path / "part")[0] == (6 if stop == "interrupt" else 4)
+    assert _final_state(tmp_path / "part")[0] == (4 if stop == "crash" else 6)
     resume()
     train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), resume=True, **kw))
     (s1, m1, o1), (s2, m2, o2) = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")

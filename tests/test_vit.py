@@ -113,9 +113,11 @@ def test_evaluate_keeps_the_mode_and_batchnorm_statistics(tmp_path):
     assert torch.equal(r1, r2)
 
 
-def test_resume_after_a_mid_epoch_interrupt_continues_exactly(tmp_path, monkeypatch):
-    """Ctrl-C inside epoch 2, then --resume: the LR sequence, the per-epoch metrics and the final weights equal those
-    of the uninterrupted run (the hybrid, with BatchNorm, drop path, crops and flips drawing random numbers)."""
+@pytest.mark.parametrize("where", ["before", "update"])
+def test_resume_after_a_mid_epoch_interrupt_continues_exactly(where, tmp_path, monkeypatch, sigterm_after_update):
+    """Ctrl-C inside epoch 2 (before a step, or a SIGTERM at the end of the step's optimizer update), then --resume:
+    the LR sequence, the per-epoch metrics and the final weights equal those of the uninterrupted run (the hybrid,
+    with BatchNorm, drop path, crops and flips drawing random numbers)."""
     kw = dict(epochs=2, stem=4, crop_pad=2, drop_path=0.2, lr=3e-3, warmup_epochs=0.5, val_size=768, batch_size=32)
     lrs = []
     real_lr_at = train.lr_at
@@ -131,8 +133,13 @@ def test_resume_after_a_mid_epoch_interrupt_continues_exactly(tmp_path, monkeypa
     full = list(lrs)
     lrs.clear()
     n = len(full)
-    monkeypatch.setattr(train, "lr_at", lambda *a: recording(*a, stop_at=n * 3 // 4))
+    if where == "before":
+        monkeypatch.setattr(train, "lr_at", lambda *a: recording(*a, stop_at=n * 3 // 4))
+        disarm = lambda: None  # noqa: E731
+    else:
+        disarm = sigterm_after_update(n * 3 // 4 - 1)
     train.main(tiny(out_dir=str(tmp_path / "b"), **kw))
+    disarm()
     assert len(lrs) == n * 3 // 4
     monkeypatch.setattr(train, "lr_at", recording)
     train.main(tiny(out_dir=str(tmp_path / "b"), resume=True, **kw))

@@ -1,5 +1,6 @@
 """Run helpers every train.py/sample.py uses: CLI parsing with presets, clean errors, device, seeding,
 atomic checkpoints, metrics logging (jsonl + optional wandb), and torch.distributed setup."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -222,27 +223,34 @@ def autocast(device, cpu_bf16=False):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(obj, path):
-    """Atomic: write a temp file beside the target, fsync, then rename over it. A crash mid-save leaves the
-    previous checkpoint intact. Ctrl-C and SIGTERM wait until the save is done (held meanwhile, raised again after
-    it), so a stop that lands mid-write still ends in the Ctrl-C path with a whole checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+@contextlib.contextmanager
+def stops_held():
+    """Ctrl-C and SIGTERM wait for the block to finish (held meanwhile, raised again after it): for a checkpoint
+    write, or an optimizer update and the step count that records it, which must not stop halfway."""
     held, old = [], {}
-    try:  # hold the stops while writing (a Python handler: the OS may deliver them to any thread)
+    try:  # a Python handler, not a signal mask: the OS may deliver a process-directed signal to any thread
         for s in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(s) is not None:  # None: a handler Python did not install; leave it
                 old[s] = signal.signal(s, lambda signum, frame: held.append(signum))
     except ValueError:  # not the main thread, where Python runs every handler: nothing to hold
         pass
     try:
-        _write_atomically(obj, path, tmp)
+        yield
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
         if held:  # now the stop takes its own path (Ctrl-C and sigterm_as_interrupt: KeyboardInterrupt)
             signal.raise_signal(held[0])
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temp file beside the target, fsync, then rename over it. A crash mid-save leaves the
+    previous checkpoint intact. Ctrl-C and SIGTERM wait until the save is done (`stops_held`), so a stop that lands
+    mid-write still ends in the Ctrl-C path with a whole checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with stops_held():
+        _write_atomically(obj, path, path.with_name(f".{path.name}.tmp{os.getpid()}"))
 
 
 def _write_atomically(obj, path, tmp):

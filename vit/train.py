@@ -224,12 +224,13 @@ def main(cfg: Config) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                prog["step"], prog["epoch_step"] = prog["step"] + 1, prog["epoch_step"] + 1
-                prog["loss_sum"] += loss.item() * len(y)
-                prog["correct"] += (logits.argmax(-1) == y).sum().item()
-                prog["seen"] += len(y)
-                batch_rng = None
+                with R.stops_held():  # an update is never saved without the step that counts it
+                    opt.step()
+                    prog["step"], prog["epoch_step"] = prog["step"] + 1, prog["epoch_step"] + 1
+                    prog["loss_sum"] += loss.item() * len(y)
+                    prog["correct"] += (logits.argmax(-1) == y).sum().item()
+                    prog["seen"] += len(y)
+                    batch_rng = None
             dt = time.perf_counter() - t0
             seen = prog["seen"] - seen0
             prog["train_s"], prog["images_seen"] = prog["train_s"] + dt, prog["images_seen"] + seen * world
