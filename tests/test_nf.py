@@ -257,3 +257,25 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(where, tmp_pat
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
+
+
+def test_periodic_estimates_do_not_change_training(tmp_path):
+    """The validation estimate and the sample grid draw noise of their own: a run evaluated every 2 steps ends with
+    the weights of one evaluated only at its end, so --eval-interval (which a resume may change) is monitoring only."""
+    kw = dict(steps=6, val_size=960, batch_size=16)
+    train.main(tiny(tmp_path / "a", eval_interval=2, **kw))
+    train.main(tiny(tmp_path / "b", eval_interval=6, **kw))
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True)["model"] for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ckpt_is_written_every_ckpt_interval_steps(tmp_path, monkeypatch):
+    """ckpt.pt every --ckpt-interval steps besides each evaluation, so a killed run loses at most that many."""
+    saved, real = [], R.save_checkpoint
+
+    def spy(obj, path):
+        saved.append(obj["step"])
+        return real(obj, path)
+    monkeypatch.setattr(R, "save_checkpoint", spy)
+    train.main(tiny(tmp_path, steps=6, eval_interval=6, ckpt_interval=2, val_size=960, batch_size=16))
+    assert saved == [2, 4, 6, 6]  # the periodic ones, then the one with the summary
