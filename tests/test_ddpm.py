@@ -544,23 +544,29 @@ def test_resume_with_other_architecture_or_schedule_exits_2(tiny_run, tmp_path, 
     assert f"--{field.replace('_', '-')} " in err, err
 
 
-@pytest.mark.parametrize("where", ["step", "update"])
+@pytest.mark.parametrize("where", ["data", "step", "update"])
 def test_sigterm_saves_and_resume_continues_exactly(where, tmp_path, monkeypatch, sigterm_after_update):
     """SIGTERM takes the Ctrl-C path and saves ckpt.pt; --resume then continues exactly where it stopped (RNG state,
     position in the epoch, optimizer, EMA, metrics): k steps + SIGTERM + resume to 6 equals 6 uninterrupted steps.
-    A SIGTERM as step 4 begins waits for the step (k = 4); one at the end of step 3's Adam update, before its EMA
-    update, its count and its log row, waits for them (k = 3)."""
+    A SIGTERM while step 4 prepares its batch saves the state step 4 started from (k = 3); one as its update begins
+    waits for the step (k = 4); one at the end of step 3's Adam update, before its EMA update, its count and its log
+    row, waits for them (k = 3)."""
     cfg = dict(TINY, sample_interval=4, log_interval=1)
     train.main(train.Config(out_dir=str(tmp_path / "a"), steps=6, **cfg))
-    step_fn, calls = train.train_step, []
+    step_fn, to_unit = train.train_step, train.D.to_unit_range
 
-    def stop_after_three(*a, **k):
-        calls.append(1)
-        if len(calls) == 4 and where == "step":
-            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM would kill the run"
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step_fn(*a, **k)
-    monkeypatch.setattr(train, "train_step", stop_after_three)
+    def sigterm_at_step_4(fn, when):
+        calls = []
+
+        def wrapped(*a, **k):
+            calls.append(1)
+            if len(calls) == 4 and where == when:
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM would kill the run"
+                os.kill(os.getpid(), signal.SIGTERM)
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(train, "train_step", sigterm_at_step_4(step_fn, "step"))
+    monkeypatch.setattr(train.D, "to_unit_range", sigterm_at_step_4(to_unit, "data"))
     disarm = sigterm_after_update(2) if where == "update" else (lambda: None)
     old = signal.getsignal(signal.SIGTERM)
     try:
@@ -568,6 +574,7 @@ def test_sigterm_saves_and_resume_continues_exactly(where, tmp_path, monkeypatch
     finally:
         signal.signal(signal.SIGTERM, old)
     monkeypatch.setattr(train, "train_step", step_fn)
+    monkeypatch.setattr(train.D, "to_unit_range", to_unit)
     disarm()
     k = 4 if where == "step" else 3
     assert s["steps"] == k and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == k

@@ -208,6 +208,28 @@ def test_sigterm_during_a_save_lets_the_save_finish_then_interrupts(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left
 
 
+def test_an_error_inside_a_held_block_is_not_hidden_by_a_held_stop():
+    """A crash inside the held block (an optimizer update, a checkpoint write) while a SIGTERM waits must surface as
+    itself, not as the KeyboardInterrupt of the held stop, which the loops would save as a clean interrupt; the
+    handlers are restored either way."""
+    import signal
+    old = signal.getsignal(signal.SIGTERM)
+    run.sigterm_as_interrupt()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(BaseException) as e:  # BaseException: a KeyboardInterrupt must not end the test session
+            with run.stops_held():
+                signal.raise_signal(signal.SIGTERM)
+                raise RuntimeError("disk full")
+        assert e.type is RuntimeError, e.type
+        assert signal.getsignal(signal.SIGTERM) is handler
+        with pytest.raises(KeyboardInterrupt):  # a block that finishes delivers the held stop
+            with run.stops_held():
+                signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
     import numpy as np

@@ -226,21 +226,22 @@ def autocast(device, cpu_bf16=False):
 @contextlib.contextmanager
 def stops_held():
     """Ctrl-C and SIGTERM wait for the block to finish (held meanwhile, raised again after it): for a checkpoint
-    write, or an optimizer update and the step count that records it, which must not stop halfway."""
+    write, or an optimizer update and the step count that records it, which must not stop halfway. An exception
+    from the block propagates as itself (a held stop does not replace it)."""
     held, old = [], {}
-    try:  # a Python handler, not a signal mask: the OS may deliver a process-directed signal to any thread
-        for s in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(s) is not None:  # None: a handler Python did not install; leave it
-                old[s] = signal.signal(s, lambda signum, frame: held.append(signum))
-    except ValueError:  # not the main thread, where Python runs every handler: nothing to hold
-        pass
     try:
+        try:  # a Python handler, not a signal mask: the OS may deliver a process-directed signal to any thread
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not None:  # None: a handler Python did not install; leave it
+                    old[s] = signal.signal(s, lambda signum, frame: held.append(signum))
+        except ValueError:  # not the main thread, where Python runs every handler: nothing to hold
+            pass
         yield
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        if held:  # now the stop takes its own path (Ctrl-C and sigterm_as_interrupt: KeyboardInterrupt)
-            signal.raise_signal(held[0])
+    if held:  # the block finished: now the stop takes its own path (Ctrl-C, sigterm_as_interrupt: KeyboardInterrupt)
+        signal.raise_signal(held[0])
 
 
 def save_checkpoint(obj, path):
