@@ -113,11 +113,12 @@ def test_evaluate_keeps_the_mode_and_batchnorm_statistics(tmp_path):
     assert torch.equal(r1, r2)
 
 
-@pytest.mark.parametrize("where", ["before", "update"])
+@pytest.mark.parametrize("where", ["before", "inside", "update"])
 def test_resume_after_a_mid_epoch_interrupt_continues_exactly(where, tmp_path, monkeypatch, sigterm_after_update):
-    """Ctrl-C inside epoch 2 (before a step, or a SIGTERM at the end of the step's optimizer update), then --resume:
-    the LR sequence, the per-epoch metrics and the final weights equal those of the uninterrupted run (the hybrid,
-    with BatchNorm, drop path, crops and flips drawing random numbers)."""
+    """Ctrl-C inside epoch 2 (before a step; inside it, after the forward pass moved the stem's BatchNorm statistics;
+    or a SIGTERM at the end of its optimizer update), then --resume: the LR sequence, the per-epoch metrics and the
+    final weights and buffers equal those of the uninterrupted run (the hybrid, with BatchNorm, drop path, crops and
+    flips drawing random numbers)."""
     kw = dict(epochs=2, stem=4, crop_pad=2, drop_path=0.2, lr=3e-3, warmup_epochs=0.5, val_size=768, batch_size=32)
     lrs = []
     real_lr_at = train.lr_at
@@ -133,19 +134,32 @@ def test_resume_after_a_mid_epoch_interrupt_continues_exactly(where, tmp_path, m
     full = list(lrs)
     lrs.clear()
     n = len(full)
+    real_clip, clips = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_stop(*a, **k):  # step n * 3 // 4, after its forward and backward
+        clips.append(1)
+        if len(clips) == n * 3 // 4 + 1:
+            raise KeyboardInterrupt
+        return real_clip(*a, **k)
+    disarm = lambda: None  # noqa: E731
     if where == "before":
         monkeypatch.setattr(train, "lr_at", lambda *a: recording(*a, stop_at=n * 3 // 4))
-        disarm = lambda: None  # noqa: E731
+    elif where == "inside":
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_stop)
+        disarm = lambda: monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)  # noqa: E731
     else:
         disarm = sigterm_after_update(n * 3 // 4 - 1)
     train.main(tiny(out_dir=str(tmp_path / "b"), **kw))
     disarm()
+    if where == "inside":
+        lrs.pop()  # the interrupted step's LR: the resumed run redoes that step
     assert len(lrs) == n * 3 // 4
     monkeypatch.setattr(train, "lr_at", recording)
     train.main(tiny(out_dir=str(tmp_path / "b"), resume=True, **kw))
     assert lrs == full
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True)["model"] for r in "ab")
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    differ = [k for k in a if not torch.allclose(a[k].float(), b[k].float(), atol=1e-6)]
+    assert not differ, differ
     ra, rb = ([(r["train_loss"], r["val_acc"]) for r in R.read_jsonl(tmp_path / x / "metrics.jsonl")
                if "train_loss" in r] for x in "ab")
     assert len(ra) == 2 and ra == rb

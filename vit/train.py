@@ -191,7 +191,8 @@ def main(cfg: Config) -> dict:
         print(f"ViT {param_count(raw) / 1e6:.2f}M params | {raw.num_patches} patches + "
               f"{'cls' if cfg.pool == 'cls' else 'mean pool'} | {cfg.dataset} {len(xtr)} train / {len(xval)} val / "
               f"{len(xte)} test | world {world} | {device}{' bf16' if device.type == 'cuda' or cfg.cpu_bf16 else ''}")
-    batch_rng = None  # the RNG state the running batch started from: an interrupted batch is redone from it
+    batch_rng, batch_buffers = None, {}  # the RNG state and buffers the running batch started from: an interrupted
+    # batch is redone from them (its forward pass already moved BatchNorm's running statistics)
 
     def checkpoint(path):
         R.save_checkpoint({"kind": "vit", "model": raw.state_dict(), "model_config": asdict(mcfg),
@@ -206,6 +207,7 @@ def main(cfg: Config) -> dict:
             batches = D.shuffled_batches(len(xtr), cfg.batch_size, prog["epoch"], cfg.seed, rank, world)
             for idx in R.progress(batches[prog["epoch_step"]:], desc=f"epoch {prog['epoch'] + 1}/{cfg.epochs}",
                                   disable=not master, leave=False):
+                batch_buffers = {k: b.clone() for k, b in raw.named_buffers()}
                 batch_rng = R.rng_state()
                 x, y = xtr[idx].to(device), ytr[idx].to(device)
                 if flip:
@@ -251,6 +253,9 @@ def main(cfg: Config) -> dict:
                 checkpoint(out / "ckpt.pt")  # every epoch
         finished = True
     except KeyboardInterrupt:
+        if batch_rng is not None:  # stopped inside a batch: back to the buffers it started from
+            for k, b in raw.named_buffers():
+                b.copy_(batch_buffers[k])
         if master:
             checkpoint(out / "ckpt.pt")
             print(f"interrupted in epoch {prog['epoch'] + 1}: saved {out / 'ckpt.pt'} (continue with --resume)")
