@@ -164,8 +164,8 @@ def main(cfg: Config) -> dict:
                 batches = iter(D.shuffled_batches(len(xtr), cfg.batch_size, epoch, cfg.seed))
                 continue
             # a stop inside the step redoes it: with these draws, from these BatchNorm statistics
+            buffers_at_step = {k: b.clone() for k, b in model.named_buffers()}  # first: rng_at_step marks them valid
             t0, rng_at_step = time.perf_counter(), R.rng_state()
-            buffers_at_step = {k: b.clone() for k, b in model.named_buffers()}
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr

@@ -226,19 +226,30 @@ def test_resume_with_other_architecture_names_the_field(finished, capsys):
     assert e.value.code == 2 and err.startswith("error:") and "--hidden" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("where", ["before", "inside", "update"])
+@pytest.mark.parametrize("where", ["before", "buffers", "inside", "update"])
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(where, tmp_path, stop_at, sigterm_after_update,
                                                                   monkeypatch):
     """Ctrl-C at step 6 (inside the second epoch of 4 batches), then --resume to step 10: the same weights and
     optimizer state as 10 steps in one go (same batches, same dequantization noise, same schedule). The stop comes
-    before the step, inside it after its dequantization noise was drawn (where a Ctrl-C usually lands), or as a
-    SIGTERM at the end of the optimizer's update, which must not be applied twice."""
+    before the step, while it copies the buffers it starts from, inside it after its dequantization noise was drawn
+    (where a Ctrl-C usually lands), or as a SIGTERM at the end of the optimizer's update, which must not be applied
+    twice."""
     kw = dict(steps=10, eval_interval=10, val_size=960, batch_size=16)  # 64 training images: 4 batches an epoch
     train.main(tiny(tmp_path / "a", **kw))
     if where == "before":
         resume = stop_at(train, 6)
     elif where == "update":
         resume = sigterm_after_update(6)
+    elif where == "buffers":
+        real_buffers, calls = train.RealNVP.named_buffers, []
+
+        def buffers(self, *args, **kw):
+            calls.append(1)
+            if len(calls) == 7:  # as step 6 copies the buffers it starts from
+                raise KeyboardInterrupt
+            return real_buffers(self, *args, **kw)
+        monkeypatch.setattr(train.RealNVP, "named_buffers", buffers)
+        resume = lambda: monkeypatch.setattr(train.RealNVP, "named_buffers", real_buffers)  # noqa: E731
     else:
         real, calls = torch.nn.utils.clip_grad_norm_, []
 
