@@ -207,18 +207,19 @@ def main(cfg: Config) -> dict:
             if val_set:  # every choice the run makes is made here, on the validation graphs
                 row["val_acc"], row["val_loss"] = evaluate(model, val_set, device)
                 echo += f" | val acc {row['val_acc']:.4f}"
-            # the epoch's bookkeeping in one short stretch: an interrupt before it only redoes the evaluation
-            if val_set:
-                sched.step(row["val_loss"])
-                if row["val_acc"] > st["best_val_acc"]:
-                    st.update(best_val_acc=row["val_acc"], best_epoch=epoch)
-                    best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                st["stopped"] = opt.param_groups[0]["lr"] < cfg.min_lr
-            st.update(epoch=epoch, batch=0, loss_sum=0.0, n=0, train_s=st["train_s"] + dt, seen=st["seen"] + st["n"])
-            epoch_rng = g.get_state()
-            checkpoint()
-            row.update(lr=opt.param_groups[0]["lr"], graphs_per_s=len(train_set) / dt)
-            log.log(row, step=epoch, echo=echo + f" | lr {row['lr']:.1e} | {row['graphs_per_s']:.0f} graphs/s")
+            with R.stops_held():  # the epoch's bookkeeping as one: a stop before it only redoes the evaluation
+                if val_set:
+                    sched.step(row["val_loss"])
+                    if row["val_acc"] > st["best_val_acc"]:
+                        st.update(best_val_acc=row["val_acc"], best_epoch=epoch)
+                        best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    st["stopped"] = opt.param_groups[0]["lr"] < cfg.min_lr
+                st.update(epoch=epoch, batch=0, loss_sum=0.0, n=0, train_s=st["train_s"] + dt,
+                          seen=st["seen"] + st["n"])
+                epoch_rng = g.get_state()
+                checkpoint()
+                row.update(lr=opt.param_groups[0]["lr"], graphs_per_s=len(train_set) / dt)
+                log.log(row, step=epoch, echo=echo + f" | lr {row['lr']:.1e} | {row['graphs_per_s']:.0f} graphs/s")
     except KeyboardInterrupt:
         interrupted = True
         print(f"interrupted in epoch {st['epoch'] + 1}: saving {out / 'ckpt.pt'} (continue with --resume)")

@@ -329,6 +329,28 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(where, tmp_path, fast_gra
     assert resumed["test_acc"] == full["test_acc"]
 
 
+def test_a_stop_in_the_epoch_bookkeeping_waits_for_its_checkpoint(tmp_path, fast_graphs, monkeypatch):
+    """A SIGTERM while epoch 1 steps the plateau schedule waits until the epoch's selection, count and checkpoint
+    are done: the resumed run does not step the schedule twice for that epoch and ends like an uninterrupted one."""
+    import signal
+    full = train.main(tiny(tmp_path / "full"))
+    real_step, calls = torch.optim.lr_scheduler.ReduceLROnPlateau.step, []
+
+    def step_then_sigterm(self, *args, **kw):
+        real_step(self, *args, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step", step_then_sigterm)
+    cut = train.main(tiny(tmp_path / "cut"))
+    assert cut.get("interrupted")
+    resumed = train.main(tiny(tmp_path / "cut", resume=True))
+    a, b = (R.load_checkpoint(tmp_path / d / "ckpt.pt", "gnns") for d in ("full", "cut"))
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed["test_acc"] == full["test_acc"]
+
+
 def test_resume_with_other_architecture_names_the_field(tmp_path, fast_graphs, capsys):
     train.main(tiny(tmp_path, epochs=1))
     capsys.readouterr()
