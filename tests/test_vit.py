@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,30 @@ def test_resume_after_a_mid_epoch_interrupt_continues_exactly(where, tmp_path, m
     ra, rb = ([(r["train_loss"], r["val_acc"]) for r in R.read_jsonl(tmp_path / x / "metrics.jsonl")
                if "train_loss" in r] for x in "ab")
     assert len(ra) == 2 and ra == rb
+
+
+def test_a_stop_in_the_epoch_bookkeeping_waits_for_its_row_and_checkpoint(tmp_path, monkeypatch):
+    """A SIGTERM while epoch 1 writes best.pt waits for the epoch's log row and ckpt.pt: the resumed run's
+    metrics.jsonl has every epoch's row, and its weights and selection equal the uninterrupted run's."""
+    import signal
+    kw = dict(epochs=2, val_size=768, batch_size=64)
+    train.main(tiny(out_dir=str(tmp_path / "a"), **kw))
+    real_save, calls = R.save_checkpoint, []
+
+    def save(obj, path):
+        if Path(path).name == "best.pt" and not calls:
+            calls.append(1)
+            signal.raise_signal(signal.SIGTERM)  # held by the save, delivered after it
+        return real_save(obj, path)
+    monkeypatch.setattr(R, "save_checkpoint", save)
+    assert not train.main(tiny(out_dir=str(tmp_path / "b"), **kw))["finished"]
+    monkeypatch.setattr(R, "save_checkpoint", real_save)
+    train.main(tiny(out_dir=str(tmp_path / "b"), resume=True, **kw))
+    ra, rb = ([(r["epoch"], r["train_loss"], r["val_acc"]) for r in R.read_jsonl(tmp_path / x / "metrics.jsonl")
+               if "train_loss" in r] for x in "ab")
+    assert len(ra) == 2 and ra == rb
+    a, b = (torch.load(tmp_path / r / "best.pt", weights_only=True) for r in "ab")
+    assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_lr_schedule_ends_at_zero_and_never_rises_again():

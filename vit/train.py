@@ -235,22 +235,23 @@ def main(cfg: Config) -> dict:
                     batch_rng = None
             dt = time.perf_counter() - t0
             seen = prog["seen"] - seen0
-            prog["train_s"], prog["images_seen"] = prog["train_s"] + dt, prog["images_seen"] + seen * world
             row = {"epoch": prog["epoch"] + 1, "step": prog["step"], "train_loss": prog["loss_sum"] / prog["seen"],
                    "train_acc": prog["correct"] / prog["seen"], "lr": lr, "epoch_s": dt,
                    "images_per_s": seen * world / dt}
             val_acc = evaluate(raw, xval, yval, device, cpu_bf16=cfg.cpu_bf16)[0] if master and cfg.val_size else None
-            prog.update(epoch=prog["epoch"] + 1, epoch_step=0, loss_sum=0.0, correct=0, seen=0)
-            if master:
-                if val_acc is not None:
-                    row["val_acc"] = val_acc
-                    if val_acc > prog["best_val_acc"]:
-                        prog["best_val_acc"], prog["best_epoch"] = val_acc, prog["epoch"]
-                        checkpoint(out / "best.pt")
-                log.log(row, step=prog["step"], echo=f"epoch {row['epoch']} | loss {row['train_loss']:.4f} | train "
-                        f"acc {row['train_acc']:.4f}" + (f" | val acc {val_acc:.4f}" if val_acc is not None else "")
-                        + f" | {dt:.0f} s | {row['images_per_s']:.0f} img/s")
-                checkpoint(out / "ckpt.pt")  # every epoch
+            with R.stops_held():  # the epoch's bookkeeping as one: a stop before it only redoes the evaluation
+                prog["train_s"], prog["images_seen"] = prog["train_s"] + dt, prog["images_seen"] + seen * world
+                prog.update(epoch=prog["epoch"] + 1, epoch_step=0, loss_sum=0.0, correct=0, seen=0)
+                if master:
+                    if val_acc is not None:
+                        row["val_acc"] = val_acc
+                        if val_acc > prog["best_val_acc"]:
+                            prog["best_val_acc"], prog["best_epoch"] = val_acc, prog["epoch"]
+                            checkpoint(out / "best.pt")
+                    val = f" | val acc {val_acc:.4f}" if val_acc is not None else ""
+                    log.log(row, step=prog["step"], echo=f"epoch {row['epoch']} | loss {row['train_loss']:.4f} | "
+                            f"train acc {row['train_acc']:.4f}{val} | {dt:.0f} s | {row['images_per_s']:.0f} img/s")
+                    checkpoint(out / "ckpt.pt")  # every epoch
         finished = True
     except KeyboardInterrupt:
         if batch_rng is not None:  # stopped inside a batch: back to the buffers it started from
