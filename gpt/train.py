@@ -232,14 +232,16 @@ def main(cfg: Config) -> dict:
     try:
         while True:
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and evaluated.get("iter") != it:
-                evaluated = {"iter": it, **estimate_loss(raw, eval_batches, device)}
-                if master:
-                    log.log({"iter": it, "train_loss": evaluated["train"], "val_loss": evaluated["val"]}, step=it,
-                            echo=f"iter {it}: train loss {evaluated['train']:.4f}, val loss {evaluated['val']:.4f}")
-                    if evaluated["val"] < best_val:  # the model is chosen on the validation split
-                        best_val = evaluated["val"]
-                        checkpoint(out / "best.pt")
-                    checkpoint(out / "ckpt.pt")
+                losses = estimate_loss(raw, eval_batches, device)
+                with R.stops_held():  # the evaluation's record, row, selection and checkpoints as one
+                    evaluated = {"iter": it, **losses}
+                    if master:
+                        log.log({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}, step=it,
+                                echo=f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                        if losses["val"] < best_val:  # the model is chosen on the validation split
+                            best_val = losses["val"]
+                            checkpoint(out / "best.pt")
+                        checkpoint(out / "ckpt.pt")
             if it >= cfg.max_iters:
                 break
             t0 = time.perf_counter()

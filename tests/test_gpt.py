@@ -277,6 +277,31 @@ def test_stopped_and_resumed_run_equals_uninterrupted(stop, tmp_path, text_file,
     assert sorted(full) == sorted(resumed) == list(range(1, 9)) and full == pytest.approx(resumed, abs=1e-5)
 
 
+def test_a_stop_at_an_evaluation_waits_for_its_row_and_selection(tmp_path, text_file, monkeypatch):
+    """A SIGTERM as the evaluation at iteration 4 logs its losses waits for the row, best.pt and ckpt.pt: the
+    resumed run neither skips that evaluation's selection nor its metrics row, and ends like an uninterrupted run."""
+    import signal
+    from utils import run as R
+    kw = dict(TINY, text=str(text_file), device="cpu", max_iters=8, eval_interval=4, log_interval=1)
+    train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "full"), **kw))
+    real_log, calls = R.Logger.log, []
+
+    def log(self, row, *args, **kw):
+        if "val_loss" in row and row["iter"] == 4 and not calls:
+            calls.append(1)
+            signal.raise_signal(signal.SIGTERM)
+        return real_log(self, row, *args, **kw)
+    monkeypatch.setattr(R.Logger, "log", log)
+    assert train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), **kw))["iters"] == 4
+    monkeypatch.setattr(R.Logger, "log", real_log)
+    train.main(R.preset(train.PRESETS, "default", out_dir=str(tmp_path / "part"), resume=True, **kw))
+    va, vb = ([(r["iter"], r["val_loss"]) for r in map(json.loads, open(d / "metrics.jsonl")) if "val_loss" in r]
+              for d in (tmp_path / "full", tmp_path / "part"))
+    assert [i for i, _ in va] == [0, 4, 8] and va == vb
+    a, b = (torch.load(tmp_path / d / "best.pt", weights_only=True) for d in ("full", "part"))
+    assert a["step"] == b["step"] and a["best_val_loss"] == b["best_val_loss"]
+
+
 def test_resume_refuses_other_architecture_but_allows_more_iters(tmp_path, text_file, capsys):
     from utils import run as R
     out = tmp_path / "run"
