@@ -189,14 +189,16 @@ class Config:
 
 def result_key(kind, cfg, diffusion, n, step):
     """summary.json's key for one evaluation: every setting that changes its number (sigma does not change DDIM;
-    eta and spacing do not change the ancestral sampler), so runs with other settings do not overwrite it."""
+    eta and spacing do not change the ancestral sampler; the batch size changes the chain's own noise, so it is in
+    the key of the stochastic samplers), so runs with other settings do not overwrite it."""
     if kind == "nll":
         ts = "allT" if cfg.nll_t is None else f"t{cfg.nll_t}"
         return f"nll_{ts}_{diffusion.sigma}_seed{cfg.seed}_n{n}_step{step}"
     how = (f"ddpm{diffusion.T}_{diffusion.sigma}" if cfg.sampler == "ddpm"
            else f"ddim{cfg.steps}_{cfg.spacing}_eta{cfg.eta:g}" if cfg.sampler == "ddim"
            else sampler_tag(cfg.sampler, cfg.steps))
-    return f"fid_{how}_seed{cfg.seed}_n{n}_step{step}"
+    stochastic = cfg.sampler == "ddpm" or (cfg.sampler == "ddim" and cfg.eta > 0)
+    return f"fid_{how}_seed{cfg.seed}{f'_b{cfg.batch_size}' if stochastic else ''}_n{n}_step{step}"
 
 
 def main(cfg: Config) -> dict:
@@ -222,7 +224,8 @@ def main(cfg: Config) -> dict:
         r = dict(fid=fid(features(net, samples, device), features(net, xte[:n], device)), fid_n=n,
                  sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
                  parameterization=diffusion.parameterization,
-                 spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma, seed=cfg.seed, step=ckpt["step"],
+                 spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma, seed=cfg.seed, batch_size=cfg.batch_size,
+                 step=ckpt["step"],
                  sample_s=round(sample_s, 1), sample_bf16=bf16 or device.type == "cuda",
                  sample_images_per_s=round(n / sample_s, 2))
         entries[key] = r

@@ -412,7 +412,8 @@ def _copy_run(src, dst):
 
 def test_evaluate_keys_every_setting_and_scores_8bit_samples(tiny_run, tmp_path, monkeypatch):
     """Items 16 and 17: FID sees the generated images as the 8-bit pixels a user saves, and summary.json keeps one
-    entry per sampler, steps, eta, spacing, sigma and seed (they overwrote each other)."""
+    entry per sampler, steps, eta, spacing, sigma and seed (they overwrote each other), and per batch size where the
+    batch size changes the chain's own noise (ancestral, DDIM eta > 0); DDIM eta = 0 scores the same at any batch."""
     out = _copy_run(tiny_run, tmp_path / "run")
     torch.manual_seed(0)
     net = evaluate.FeatureNet(1).eval()
@@ -420,12 +421,14 @@ def test_evaluate_keys_every_setting_and_scores_8bit_samples(tiny_run, tmp_path,
     seen, features = [], evaluate.features
     monkeypatch.setattr(evaluate, "features", lambda n, x, *a, **k: (seen.append(x.dtype), features(n, x, *a, **k))[1])
     runs = [dict(), dict(eta=1.0), dict(seed=1), dict(spacing="quadratic"), dict(steps=5),
-            dict(sampler="ddpm", sigma="beta"), dict(sampler="ddpm", sigma="beta_tilde")]
-    for kw in runs:
-        evaluate.main(evaluate.Config(out_dir=str(out), num_samples=4, batch_size=4, device="cpu", **kw))
+            dict(sampler="ddpm", sigma="beta"), dict(sampler="ddpm", sigma="beta_tilde"),
+            dict(sampler="ddpm", sigma="beta", batch_size=2), dict(eta=1.0, batch_size=2)]
+    fids = [evaluate.main(evaluate.Config(out_dir=str(out), num_samples=4, device="cpu", **{"batch_size": 4, **kw}))
+            ["fid"] for kw in runs + [dict(batch_size=2)]]
     assert seen and all(dt == torch.uint8 for dt in seen)
     entries = json.load(open(out / "summary.json"))["eval"]
     assert len(entries) == len(runs) and len({e["fid"] for e in entries.values()}) > 1
+    assert fids[-1] == pytest.approx(fids[0], abs=1e-3)  # DDIM eta = 0 at batch 2: the first run's entry again
 
 
 def test_evaluate_fresh_machine_trains_the_fid_classifier_and_scores(tiny_run, tmp_path, monkeypatch):
