@@ -488,7 +488,8 @@ def test_sample_starts_from_the_given_x_T_whatever_the_global_seed():
 
 def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_run, tmp_path, monkeypatch):
     """A Ctrl-C in batch 2 of 3 keeps batch 1 in <key>.partial.pt; the rerun samples batches 2 and 3 only and scores
-    what an uninterrupted run scores (the chain noise is seeded per batch). Another batch size starts over."""
+    what an uninterrupted run scores (the chain noise is seeded per batch). Another batch size is another setting
+    (other chain noise): it starts over under its own key and leaves the first setting's file."""
     _fake_net(monkeypatch)
     kw = dict(num_samples=6, batch_size=2, sampler="ddim", steps=5, eta=1.0, device="cpu")
     ref = evaluate.main(evaluate.Config(out_dir=str(_copy_run(tiny_run, tmp_path / "ref")), **kw))
@@ -513,7 +514,9 @@ def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_ru
         evaluate.main(evaluate.Config(out_dir=str(out), **kw))
     calls[:], interrupt = [], False
     res = evaluate.main(evaluate.Config(out_dir=str(out), **{**kw, "batch_size": 3}))
-    assert len(calls) == 2 and not list(out.glob("*.partial.pt"))
+    left = [f.name for f in out.glob("*.partial.pt")]  # the batch-2 setting's, still resumable
+    key = res["keys"][0]
+    assert len(calls) == 2 and "_b3_" in key and left == [key.replace("_b3_", "_b2_") + ".partial.pt"]
 
 
 def test_to_8bit_is_what_a_saved_png_holds():
