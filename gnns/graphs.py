@@ -3,7 +3,7 @@
 - superpixel graphs: SLIC superpixels (Achanta et al. 2012, via scikit-image) as nodes with features = mean
   intensity (or colour) + normalised centroid; edges to the k = 8 nearest superpixels, weighted by
   exp(-|p_i - p_j|^2 / sigma_p^2 - |f_i - f_j|^2 / sigma_f^2), symmetrised;
-- pixel-grid graphs (the seed's): one node per pixel, 8-neighbour edges.
+- pixel-grid graphs: one node per pixel, 8-neighbour edges.
 
 Graphs are built once, in parallel over the cores with a progress bar, and cached in data/graphs_*.pt under a
 name that carries every builder setting (a cache built with other settings is never read back); a cache that does
