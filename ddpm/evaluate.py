@@ -2,14 +2,18 @@
 
 FID protocol: features are the 128-d penultimate layer of a small CNN classifier trained here on the dataset's
 training set (no downloaded Inception weights), cached in data/fid_<dataset>.pt; FID compares N generated images,
-quantized to the 8-bit pixels a saved PNG holds, with the first N test images. The protocol is N = 1000 (DDIM-50
-takes about 7 minutes on 2 CPU cores in fp32, DPM++-20 about 3); FID reads higher at smaller N, so compare numbers
-at the same N only. Results go to summary.json's `eval` section, one entry per setting. An interrupted sampling
-continues from its last finished batch when the same command is run again (`generate`).
+quantized to the 8-bit pixels a saved PNG holds, with the first N test images (`--fid-ref test`, the reported
+numbers) or N training images drawn by a fixed seed (`--fid-ref train`, the DDPM paper's reference set: what
+choices of a preset or sampler are made on, so that the test images only report). The protocol is N = 1000
+(DDIM-50 takes about 7 minutes on 2 CPU cores in fp32, DPM++-20 about 3); FID reads higher at smaller N, so compare
+numbers at the same N only. Results go to summary.json's `eval` section, one entry per setting. The samples are kept
+in `<setting>.samples.pt` beside it: an interrupted sampling continues from its last finished batch when the same
+command is run again, and the other reference scores the same samples without sampling again (`generate`).
 
     python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50 --eta 1   # the demo's sampler
     python ddpm/evaluate.py --out-dir out/ddpm --sampler ddim --steps 50
     python ddpm/evaluate.py --out-dir out/ddpm --sampler dpm++ --steps 20
+    python ddpm/evaluate.py --out-dir out/ddpm --sampler dpm++ --steps 20 --fid-ref train   # for choosing
     python ddpm/evaluate.py --out-dir out/ddpm --num-samples 0 --nll-images 500 --nll-t 100   # bits/dim bound only
 """
 import time
@@ -82,27 +86,27 @@ def to_8bit(x):
     return ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
-def generate(diffusion, cfg, n, shape, device, bf16, partial, source):
+def generate(diffusion, cfg, n, shape, device, bf16, file, source):
     """n samples as 8-bit images, in batches of cfg.batch_size, and the seconds spent sampling them.
 
     Paired noise: x_T of image k is the k-th draw of a generator seeded by cfg.seed alone, so every sampler, step
     count and batch size starts image k from the same noise; the chain's own noise (ancestral, DDIM eta > 0) is
-    seeded per batch. Each finished batch is saved to `partial`; a rerun of the same setting continues after the
-    last saved batch if the file was written from the same `source` (checkpoint file, device, bf16) with the same
-    batch size. The caller removes it once the result is stored."""
+    seeded per batch. Each finished batch is saved to `file`; a rerun of the same setting continues after the
+    last saved batch (or, with all batches there, samples nothing) if the file was written from the same `source`
+    (checkpoint file, device, bf16) with the same batch size."""
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg.seed * 100_000))
     state = dict(samples=[], sample_s=0.0, n=n, batch_size=cfg.batch_size, source=source)
-    if partial.exists():
+    if file.exists():
         try:
-            saved = torch.load(partial, weights_only=True)
+            saved = torch.load(file, weights_only=True)
         except Exception:
             saved = None
         if isinstance(saved, dict) and isinstance(saved.get("samples"), list) and \
                 all(saved.get(k) == state[k] for k in ("n", "batch_size", "source")):
             state = saved
-            print(f"continuing from {partial}: {sum(map(len, state['samples']))} of {n} samples already done")
+            print(f"continuing from {file}: {sum(map(len, state['samples']))} of {n} samples already done")
         else:  # unreadable, or another batch size (other chain noise), checkpoint, device or precision
-            print(f"{partial} does not match this run (or is unreadable): sampling from the start")
+            print(f"{file} does not match this run (or is unreadable): sampling from the start")
     starts = list(range(0, n, cfg.batch_size))
     for b in R.progress(range(len(state["samples"]), len(starts)), desc=f"sampling ({cfg.sampler})"):
         i, t0 = starts[b], time.perf_counter()
@@ -112,7 +116,7 @@ def generate(diffusion, cfg, n, shape, device, bf16, partial, source):
             x, _ = diffusion.sample(x0.shape, device, cfg.sampler, cfg.steps, cfg.eta, spacing=cfg.spacing, x_T=x0)
         state["samples"].append(to_8bit(x.cpu()))  # what a user saves, and what the test images are
         state["sample_s"] += time.perf_counter() - t0
-        R.save_checkpoint(state, partial)
+        R.save_checkpoint(state, file)
     return torch.cat(state["samples"]), state["sample_s"]
 
 
@@ -142,7 +146,9 @@ class Config:
     ckpt: str | None = None
     """another checkpoint than out_dir/ckpt.pt"""
     num_samples: int = 1000
-    """generated images for FID (0: skip FID); compared with as many test images (the protocol: 1000)"""
+    """generated images for FID (0: skip FID); compared with as many reference images (the protocol: 1000)"""
+    fid_ref: Literal["test", "train"] = "test"
+    """FID reference: the first N test images (reported numbers) | N training images, fixed draw (for choices)"""
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     """ddpm (ancestral, T steps) | ddim | dpm++ (DPM-Solver++(2M)); the parameterization is the checkpoint's"""
     steps: int = 50
@@ -181,6 +187,7 @@ class Config:
         R.check(self.num_samples > 0 or self.nll_images > 0, "nothing to do: --num-samples and --nll-images are 0")
         check_sampler(self)
         R.one_of(self, "sigma", (None, "beta", "beta_tilde"))
+        R.one_of(self, "fid_ref", ("test", "train"))
         R.between(self, "batch_size", 1, 10_000)
         R.check(self.nll_t is None or 1 <= self.nll_t <= 10_000, f"--nll-t must be in [1, 10000] (or None: all T), "
                                                                    f"got {self.nll_t}")
@@ -198,7 +205,17 @@ def result_key(kind, cfg, diffusion, n, step):
            else f"ddim{cfg.steps}_{cfg.spacing}_eta{cfg.eta:g}" if cfg.sampler == "ddim"
            else sampler_tag(cfg.sampler, cfg.steps))
     stochastic = cfg.sampler == "ddpm" or (cfg.sampler == "ddim" and cfg.eta > 0)
-    return f"fid_{how}_seed{cfg.seed}{f'_b{cfg.batch_size}' if stochastic else ''}_n{n}_step{step}"
+    ref = "_reftrain" if kind == "fid" and cfg.fid_ref == "train" else ""
+    return f"fid_{how}_seed{cfg.seed}{f'_b{cfg.batch_size}' if stochastic else ''}_n{n}_step{step}{ref}"
+
+
+def reference_images(dataset, which, n, data_dir=None):
+    """FID's reference set: the first n test images, or n training images in a fixed random draw (seed 0, whatever
+    --seed is: every run and sampler compares with the same ones)."""
+    if which == "test":
+        return D.load_images(dataset, "test", data_dir)[0][:n]
+    x = D.load_images(dataset, "train", data_dir)[0]
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
 
 
 def main(cfg: Config) -> dict:
@@ -217,11 +234,12 @@ def main(cfg: Config) -> dict:
         n = min(cfg.num_samples, len(xte))
         net = feature_net(ckpt["dataset"], device, cfg.data_dir, cfg.fid_epochs, cfg.fid_cache_dir)  # trains with grad
         key = result_key("fid", cfg, diffusion, n, ckpt["step"])
-        partial, st = out / f"{key}.partial.pt", Path(path).stat()
-        samples, sample_s = generate(diffusion, cfg, n, (c, size, size), device, bf16, partial,
+        kept, st = out / f"{key.removesuffix('_reftrain')}.samples.pt", Path(path).stat()
+        samples, sample_s = generate(diffusion, cfg, n, (c, size, size), device, bf16, kept,
                                       f"{Path(path).resolve()} ({st.st_size} bytes, mtime {st.st_mtime_ns}) on "
                                       f"{device.type}, bf16 {bf16}")
-        r = dict(fid=fid(features(net, samples, device), features(net, xte[:n], device)), fid_n=n,
+        ref = reference_images(ckpt["dataset"], cfg.fid_ref, n, cfg.data_dir)
+        r = dict(fid=fid(features(net, samples, device), features(net, ref, device)), fid_n=n, fid_ref=cfg.fid_ref,
                  sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
                  parameterization=diffusion.parameterization,
                  spacing=cfg.spacing, eta=cfg.eta, sigma=diffusion.sigma, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -230,8 +248,8 @@ def main(cfg: Config) -> dict:
                  sample_images_per_s=round(n / sample_s, 2))
         entries[key] = r
         res.update(r)
-        print(f"FID {r['fid']:.2f} ({n} samples, {sampler_tag(cfg.sampler, cfg.steps, cfg.eta)}, "
-              f"{sample_s:.0f} s)")
+        print(f"FID {r['fid']:.2f} ({n} samples vs {n} {cfg.fid_ref} images, "
+              f"{sampler_tag(cfg.sampler, cfg.steps, cfg.eta)}, {sample_s:.0f} s of sampling)")
     if cfg.nll_images:
         n = min(cfg.nll_images, len(xte))
         torch.manual_seed(cfg.seed)
@@ -254,8 +272,6 @@ def main(cfg: Config) -> dict:
     eval_ = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
     summary["eval"] = {**eval_, **entries}
     R.write_json(summary_path, summary)
-    if cfg.num_samples:
-        partial.unlink(missing_ok=True)  # only now: an interrupted FID or summary keeps the samples
     res["keys"] = list(entries)
     return res
 

@@ -487,9 +487,9 @@ def test_sample_starts_from_the_given_x_T_whatever_the_global_seed():
 
 
 def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_run, tmp_path, monkeypatch):
-    """A Ctrl-C in batch 2 of 3 keeps batch 1 in <key>.partial.pt; the rerun samples batches 2 and 3 only and scores
-    what an uninterrupted run scores (the chain noise is seeded per batch). Another batch size is another setting
-    (other chain noise): it starts over under its own key and leaves the first setting's file."""
+    """A Ctrl-C in batch 2 of 3 keeps batch 1 in <setting>.samples.pt; the rerun samples batches 2 and 3 only and
+    scores what an uninterrupted run scores (the chain noise is seeded per batch); a third run samples nothing.
+    Another batch size is another setting (other chain noise): it starts over in its own file."""
     _fake_net(monkeypatch)
     kw = dict(num_samples=6, batch_size=2, sampler="ddim", steps=5, eta=1.0, device="cpu")
     ref = evaluate.main(evaluate.Config(out_dir=str(_copy_run(tiny_run, tmp_path / "ref")), **kw))
@@ -505,18 +505,37 @@ def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_ru
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(evaluate.Config(out_dir=str(out), **kw))
-    assert len(list(out.glob("*.partial.pt"))) == 1
+    kept = list(out.glob("*.samples.pt"))
+    assert len(kept) == 1 and len(torch.load(kept[0], weights_only=True)["samples"]) == 1
     interrupt, calls[:] = False, []
     res = evaluate.main(evaluate.Config(out_dir=str(out), **kw))
-    assert len(calls) == 2 and res["fid"] == ref["fid"] and not list(out.glob("*.partial.pt"))
-    interrupt, calls[:] = True, []
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.main(evaluate.Config(out_dir=str(out), **kw))
-    calls[:], interrupt = [], False
+    assert len(calls) == 2 and res["fid"] == ref["fid"] and kept[0].name == res["keys"][0] + ".samples.pt"
+    calls[:] = []
+    assert evaluate.main(evaluate.Config(out_dir=str(out), **kw))["fid"] == ref["fid"] and not calls
     res = evaluate.main(evaluate.Config(out_dir=str(out), **{**kw, "batch_size": 3}))
-    left = [f.name for f in out.glob("*.partial.pt")]  # the batch-2 setting's, still resumable
     key = res["keys"][0]
-    assert len(calls) == 2 and "_b3_" in key and left == [key.replace("_b3_", "_b2_") + ".partial.pt"]
+    assert len(calls) == 2 and "_b3_" in key and len(list(out.glob("*.samples.pt"))) == 2
+
+
+def test_evaluate_scores_the_same_samples_against_training_images_for_choices(tiny_run, tmp_path, monkeypatch):
+    """--fid-ref train (what presets and samplers are chosen on, so the test images only report): the kept samples
+    of the setting are scored again without sampling, against a fixed draw of training images that does not depend
+    on --seed, under a key of its own; the test-referenced entry stays."""
+    _fake_net(monkeypatch)
+    out, calls, real = _copy_run(tiny_run, tmp_path / "run"), [], Diffusion.sample
+    monkeypatch.setattr(Diffusion, "sample", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    kw = dict(num_samples=8, batch_size=4, sampler="ddim", steps=5, device="cpu")
+    test = evaluate.main(evaluate.Config(out_dir=str(out), **kw))
+    calls[:] = []
+    train = evaluate.main(evaluate.Config(out_dir=str(out), fid_ref="train", **kw))
+    assert not calls and train["keys"] == [test["keys"][0] + "_reftrain"] and train["fid"] != test["fid"]
+    entries = json.load(open(out / "summary.json"))["eval"]
+    assert entries[test["keys"][0]]["fid_ref"] == "test" and entries[train["keys"][0]]["fid_ref"] == "train"
+    xtr, _ = evaluate.D.load_images("synthetic", "train")
+    r = evaluate.reference_images("synthetic", "train", 8)
+    assert torch.equal(r, evaluate.reference_images("synthetic", "train", 8)) and not torch.equal(r, xtr[:8])
+    assert any(torch.equal(r[0], x) for x in xtr)
+    assert not torch.equal(r, evaluate.reference_images("synthetic", "test", 8))
 
 
 def test_to_8bit_is_what_a_saved_png_holds():
