@@ -3,7 +3,7 @@ RealNVP.bits_per_dim), estimated on a validation split during training and on th
 
     python nf/train.py --preset quick              # 4-5 min on a 2-core CPU
     python nf/train.py                             # the default preset: 1.7 h with bf16 s/t (AMX), ~5 h in fp32
-    python nf/train.py --preset seed               # 30 couplings at one scale, as the seed had it
+    python nf/train.py --preset seed               # 30 couplings at one scale (no multi-scale)
 """
 import math
 import time
