@@ -86,6 +86,9 @@ def to_8bit(x):
     return ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
+SAMPLES_VERSION = 1  # raise it when the sampling or its seeding changes: kept samples of another version are redrawn
+
+
 def generate(diffusion, cfg, n, shape, device, bf16, file, source):
     """n samples as 8-bit images, in batches of cfg.batch_size, and the seconds spent sampling them.
 
@@ -93,19 +96,19 @@ def generate(diffusion, cfg, n, shape, device, bf16, file, source):
     count and batch size starts image k from the same noise; the chain's own noise (ancestral, DDIM eta > 0) is
     seeded per batch. Each finished batch is saved to `file`; a rerun of the same setting continues after the
     last saved batch (or, with all batches there, samples nothing) if the file was written from the same `source`
-    (checkpoint file, device, bf16) with the same batch size."""
+    (checkpoint file, device, bf16) with the same batch size and SAMPLES_VERSION."""
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg.seed * 100_000))
-    state = dict(samples=[], sample_s=0.0, n=n, batch_size=cfg.batch_size, source=source)
+    state = dict(samples=[], sample_s=0.0, n=n, batch_size=cfg.batch_size, source=source, version=SAMPLES_VERSION)
     if file.exists():
         try:
             saved = torch.load(file, weights_only=True)
         except Exception:
             saved = None
         if isinstance(saved, dict) and isinstance(saved.get("samples"), list) and \
-                all(saved.get(k) == state[k] for k in ("n", "batch_size", "source")):
+                all(saved.get(k) == state[k] for k in ("n", "batch_size", "source", "version")):
             state = saved
             print(f"continuing from {file}: {sum(map(len, state['samples']))} of {n} samples already done")
-        else:  # unreadable, or another batch size (other chain noise), checkpoint, device or precision
+        else:  # unreadable, or another batch size (other chain noise), checkpoint, device, precision or version
             print(f"{file} does not match this run (or is unreadable): sampling from the start")
     starts = list(range(0, n, cfg.batch_size))
     for b in R.progress(range(len(state["samples"]), len(starts)), desc=f"sampling ({cfg.sampler})"):

@@ -488,8 +488,9 @@ def test_sample_starts_from_the_given_x_T_whatever_the_global_seed():
 
 def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_run, tmp_path, monkeypatch):
     """A Ctrl-C in batch 2 of 3 keeps batch 1 in <setting>.samples.pt; the rerun samples batches 2 and 3 only and
-    scores what an uninterrupted run scores (the chain noise is seeded per batch); a third run samples nothing.
-    Another batch size is another setting (other chain noise): it starts over in its own file."""
+    scores what an uninterrupted run scores (the chain noise is seeded per batch); a third run samples nothing, unless
+    the kept samples were drawn by another SAMPLES_VERSION. Another batch size is another setting (other chain
+    noise): it starts over in its own file."""
     _fake_net(monkeypatch)
     kw = dict(num_samples=6, batch_size=2, sampler="ddim", steps=5, eta=1.0, device="cpu")
     ref = evaluate.main(evaluate.Config(out_dir=str(_copy_run(tiny_run, tmp_path / "ref")), **kw))
@@ -512,6 +513,10 @@ def test_evaluate_continues_an_interrupted_sampling_after_its_last_batch(tiny_ru
     assert len(calls) == 2 and res["fid"] == ref["fid"] and kept[0].name == res["keys"][0] + ".samples.pt"
     calls[:] = []
     assert evaluate.main(evaluate.Config(out_dir=str(out), **kw))["fid"] == ref["fid"] and not calls
+    state = torch.load(kept[0], weights_only=True)
+    torch.save({**state, "version": evaluate.SAMPLES_VERSION - 1}, kept[0])  # drawn by another sampling code
+    assert evaluate.main(evaluate.Config(out_dir=str(out), **kw))["fid"] == ref["fid"] and len(calls) == 3
+    calls[:] = []
     res = evaluate.main(evaluate.Config(out_dir=str(out), **{**kw, "batch_size": 3}))
     key = res["keys"][0]
     assert len(calls) == 2 and "_b3_" in key and len(list(out.glob("*.samples.pt"))) == 2
