@@ -200,7 +200,8 @@ class Config:
 def result_key(kind, cfg, diffusion, n, step):
     """summary.json's key for one evaluation: every setting that changes its number (sigma does not change DDIM;
     eta and spacing do not change the ancestral sampler; the batch size changes the chain's own noise, so it is in
-    the key of the stochastic samplers), so runs with other settings do not overwrite it."""
+    the key of the stochastic samplers), so runs with other settings do not overwrite it. For FID it names the
+    samples' setting; main appends the reference (`_reftrain`)."""
     if kind == "nll":
         ts = "allT" if cfg.nll_t is None else f"t{cfg.nll_t}"
         return f"nll_{ts}_{diffusion.sigma}_seed{cfg.seed}_n{n}_step{step}"
@@ -208,15 +209,12 @@ def result_key(kind, cfg, diffusion, n, step):
            else f"ddim{cfg.steps}_{cfg.spacing}_eta{cfg.eta:g}" if cfg.sampler == "ddim"
            else sampler_tag(cfg.sampler, cfg.steps))
     stochastic = cfg.sampler == "ddpm" or (cfg.sampler == "ddim" and cfg.eta > 0)
-    ref = "_reftrain" if kind == "fid" and cfg.fid_ref == "train" else ""
-    return f"fid_{how}_seed{cfg.seed}{f'_b{cfg.batch_size}' if stochastic else ''}_n{n}_step{step}{ref}"
+    return f"fid_{how}_seed{cfg.seed}{f'_b{cfg.batch_size}' if stochastic else ''}_n{n}_step{step}"
 
 
-def reference_images(dataset, which, n, data_dir=None):
-    """FID's reference set: the first n test images, or n training images in a fixed random draw (seed 0, whatever
-    --seed is: every run and sampler compares with the same ones)."""
-    if which == "test":
-        return D.load_images(dataset, "test", data_dir)[0][:n]
+def training_draw(dataset, n, data_dir=None):
+    """--fid-ref train's reference set: n training images in a fixed random draw (seed 0, whatever --seed is: every
+    run and sampler compares with the same ones)."""
     x = D.load_images(dataset, "train", data_dir)[0]
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
 
@@ -236,12 +234,13 @@ def main(cfg: Config) -> dict:
     if cfg.num_samples:
         n = min(cfg.num_samples, len(xte))
         net = feature_net(ckpt["dataset"], device, cfg.data_dir, cfg.fid_epochs, cfg.fid_cache_dir)  # trains with grad
-        key = result_key("fid", cfg, diffusion, n, ckpt["step"])
-        kept, st = out / f"{key.removesuffix('_reftrain')}.samples.pt", Path(path).stat()
+        sampled = result_key("fid", cfg, diffusion, n, ckpt["step"])  # the samples' setting; the reference is not in it
+        key = sampled + ("_reftrain" if cfg.fid_ref == "train" else "")
+        kept, st = out / f"{sampled}.samples.pt", Path(path).stat()
         samples, sample_s = generate(diffusion, cfg, n, (c, size, size), device, bf16, kept,
                                       f"{Path(path).resolve()} ({st.st_size} bytes, mtime {st.st_mtime_ns}) on "
                                       f"{device.type}, bf16 {bf16}")
-        ref = reference_images(ckpt["dataset"], cfg.fid_ref, n, cfg.data_dir)
+        ref = xte[:n] if cfg.fid_ref == "test" else training_draw(ckpt["dataset"], n, cfg.data_dir)
         r = dict(fid=fid(features(net, samples, device), features(net, ref, device)), fid_n=n, fid_ref=cfg.fid_ref,
                  sampler=cfg.sampler, sampler_steps=diffusion.T if cfg.sampler == "ddpm" else cfg.steps,
                  parameterization=diffusion.parameterization,
