@@ -429,6 +429,7 @@ def test_evaluate_keys_every_setting_and_scores_8bit_samples(tiny_run, tmp_path,
     entries = json.load(open(out / "summary.json"))["eval"]
     assert len(entries) == len(runs) and len({e["fid"] for e in entries.values()}) > 1
     assert fids[-1] == pytest.approx(fids[0], abs=1e-3)  # DDIM eta = 0 at batch 2: the first run's entry again
+    assert sorted(p.name for p in out.glob("*.samples.pt")) == sorted(f"{k}.samples.pt" for k in entries)  # one each
 
 
 def test_evaluate_fresh_machine_trains_the_fid_classifier_and_scores(tiny_run, tmp_path, monkeypatch):
@@ -529,11 +530,16 @@ def test_evaluate_scores_the_same_samples_against_training_images_for_choices(ti
     _fake_net(monkeypatch)
     out, calls, real = _copy_run(tiny_run, tmp_path / "run"), [], Diffusion.sample
     monkeypatch.setattr(Diffusion, "sample", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    scored, features = [], evaluate.features
+    monkeypatch.setattr(evaluate, "features", lambda n, x, *a, **k: (scored.append(x), features(n, x, *a, **k))[1])
     kw = dict(num_samples=8, batch_size=4, sampler="ddim", steps=5, device="cpu")
     test = evaluate.main(evaluate.Config(out_dir=str(out), **kw))
     calls[:] = []
     train = evaluate.main(evaluate.Config(out_dir=str(out), fid_ref="train", **kw))
     assert not calls and train["keys"] == [test["keys"][0] + "_reftrain"] and train["fid"] != test["fid"]
+    evaluate.main(evaluate.Config(out_dir=str(out), fid_ref="train", **{**kw, "seed": 1}))  # other samples, same ref
+    assert torch.equal(scored[3], scored[5]) and not torch.equal(scored[2], scored[4])
+    assert torch.equal(scored[3], evaluate.training_draw("synthetic", 8))
     entries = json.load(open(out / "summary.json"))["eval"]
     assert entries[test["keys"][0]]["fid_ref"] == "test" and entries[train["keys"][0]]["fid_ref"] == "train"
     xtr, _ = evaluate.D.load_images("synthetic", "train")
