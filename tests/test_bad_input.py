@@ -32,7 +32,7 @@ TINY = {
                   "--log-interval", "2", "--device", "cpu"],
     "gpt.sample": ["--out-dir", "{gpt}", "--num-samples", "1", "--max-new-tokens", "5", "--device", "cpu"],
     "vit.train": [*SYN, "--patch-size", "7", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32",
-                  "--stem", "0", "--epochs", "1", "--batch-size", "128", "--val-size", "128"],
+                  "--stem", "0", "--epochs", "1", "--batch-size", "128", "--val-size", "128", "--cpu-bf16", "False"],
     "vit.sample": ["--out-dir", "{vit}", "--device", "cpu", "--num-show", "4"],
     "vit.bench": ["--steps", "1", "--batch-size", "4", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32",
                   "--patch-size", "7", "--device", "cpu"],

@@ -13,8 +13,8 @@ from utils import run as R
 from utils import weights as W
 
 # what the repo ships today: a file lost (or added without its line here) fails the test
-SHIPPED = {"ddpm": ["default"], "gnns": ["attn", "conv", "mpnn"], "gpt": ["default"], "ppo": ["default"],
-           "vit": ["default"]}
+SHIPPED = {"ddpm": ["default"], "gnns": ["attn", "conv", "mpnn"], "gpt": ["default"], "nf": ["default"],
+           "ppo": ["default"], "vit": ["default"]}
 TOLERANCE = W.TOLERANCE
 # the sample/eval script of each package on its shipped weights, with small counts: (module, args, expected file)
 RUN = {"gnns": ("gnns.evaluate", ["--test-limit", "50", "--device", "cpu"], "eval.json"),
