@@ -2,7 +2,7 @@
 RealNVP.bits_per_dim), estimated on a validation split during training and on the test set once, at the end.
 
     python nf/train.py --preset quick              # 4-5 min on a 2-core CPU
-    python nf/train.py                             # the default preset: 1.7 h with bf16 s/t (AMX), ~5 h in fp32
+    python nf/train.py                             # the default preset: 80 min with bf16 s/t (Zen 5 EPYC), ~5 h in fp32
     python nf/train.py --preset seed               # 30 couplings at one scale (no multi-scale)
 """
 import math
@@ -75,7 +75,7 @@ class Config(R.ImageRunConfig):
                 "the flow needs --num-scales or --final-couplings (or --single-scale) > 0")
 
 
-DEFAULT = Config()  # the CPU quality run: 1.7 h on 2 cores with bf16 s/t networks (AMX), ~5 h in fp32
+DEFAULT = Config()  # the CPU quality run: 80 min on 2 cores with bf16 s/t networks (Zen 5 EPYC), ~5 h in fp32
 PRESETS = {
     "default": DEFAULT,
     "quick": replace(DEFAULT, preset="quick", hidden=32, num_blocks=1, final_couplings=2, dequant="uniform",

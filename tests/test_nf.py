@@ -126,10 +126,12 @@ def test_smoke_train_then_sample(tmp_path):
     for f in ["ckpt.pt", "metrics.jsonl", "summary.json", "samples_step80.png"]:
         assert (out / f).exists()
     r = subprocess.run([sys.executable, "nf/sample.py", "--out-dir", str(out), "--num-samples", "16", "--num-test",
-                        "64", "--device", "cpu"], cwd=REPO, capture_output=True, text=True)
+                        "64", "--test-images", "32", "--device", "cpu"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ["samples_ranked.png", "test_most_least_likely.png", "interpolation.png", "eval.json"]:
         assert (out / f).exists()
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["test_images"] == 32 and math.isfinite(ev["test_bpd"])  # the first 32 only: seconds, not minutes
     r = subprocess.run([sys.executable, "nf/sample.py", "--out-dir", str(out), "--temperature", "0"], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
@@ -172,7 +174,8 @@ def test_sample_quantizes_with_the_models_bins(dequant):
 
 @pytest.mark.parametrize("mod,args", [(train, ["--log-interval", "0"]), (train, ["--eval-interval", "0"]),
                                       (train, ["--eval-batches", "0"]), (train, ["--val-size", "-1"]),
-                                      (sample, ["--num-test", "0"]), (sample, ["--interp-steps", "0"])])
+                                      (sample, ["--num-test", "0"]), (sample, ["--interp-steps", "0"]),
+                                      (sample, ["--test-images", "0"])])
 def test_bad_flags_are_refused_at_parse_time(mod, args, capsys):
     with pytest.raises(SystemExit) as e:
         R.parse(mod.Config, getattr(mod, "PRESETS", None), args=args)

@@ -22,7 +22,7 @@ RUN = {"gnns": ("gnns.evaluate", ["--test-limit", "50", "--device", "cpu"], "eva
        "gpt": ("gpt.sample", ["--num-samples", "1", "--max-new-tokens", "20", "--device", "cpu"], "generated.txt"),
        "vit": ("vit.sample", ["--device", "cpu", "--num-show", "4"], "eval.json"),
        "nf": ("nf.sample", ["--device", "cpu", "--num-samples", "4", "--num-test", "8", "--u-draws", "0",
-                            "--interp-steps", "2"], "samples_ranked.png"),
+                            "--interp-steps", "2", "--test-images", "16"], "samples_ranked.png"),
        "ddpm": ("ddpm.sample", ["--num-samples", "2", "--sampler", "ddim", "--steps", "2", "--gif-frames", "2",
                                 "--device", "cpu"], "samples_ddim2.png"),
        "ddpm.evaluate": ("ddpm.evaluate", ["--num-samples", "0", "--nll-images", "2", "--nll-t", "2", "--steps", "2",
