@@ -135,8 +135,8 @@ def main(cfg: Config) -> dict:
         print(f"one-draw bits/dim over {cfg.u_draws} draws of u on {len(xt[:cfg.u_images])} test images: std "
               f"{spread['bpd_std_per_image']:.4f} per image, {spread['bpd_std_of_batch_mean']:.4f} for their mean; "
               f"mean {spread['bpd_mean']:.4f}, importance-weighted bound {spread['bpd_importance_weighted']:.4f}")
-    print(f"test bits/dim {full:.4f} ({len(xbpd)} images) | samples at T={cfg.temperature}: {bpd.mean():.3f} bpd on average | wrote "
-          f"samples_ranked.png, test_most_least_likely.png, interpolation.png in {out}")
+    print(f"test bits/dim {full:.4f} ({len(xbpd)} images) | samples at T={cfg.temperature}: {bpd.mean():.3f} bpd on "
+          f"average | wrote samples_ranked.png, test_most_least_likely.png, interpolation.png in {out}")
     return result
 
 

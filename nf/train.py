@@ -2,7 +2,7 @@
 RealNVP.bits_per_dim), estimated on a validation split during training and on the test set once, at the end.
 
     python nf/train.py --preset quick              # 4-5 min on a 2-core CPU
-    python nf/train.py                             # the default preset: 80 min with bf16 s/t (Zen 5 EPYC), ~5 h in fp32
+    python nf/train.py                             # the default preset: 80 min in bf16 (Zen 5 EPYC), ~5 h in fp32
     python nf/train.py --preset seed               # 30 couplings at one scale (no multi-scale)
 """
 import math
